@@ -1,0 +1,76 @@
+//! A worker's membership in its pool: an etcd session and the registration bound to it.
+//!
+//! The registration is what the coordinator counts as capacity. If the session is lost (etcd
+//! unreachable for longer than the TTL) the worker reports NOT_SERVING, stops, and registers
+//! again under a fresh lease once etcd answers; on shutdown it revokes its lease so the
+//! registration disappears at once instead of after the TTL.
+
+use std::time::Duration;
+
+use ferry_proto::v1::WorkerRegistration;
+use ferry_store::{Session, Store};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::grpc::Health;
+use crate::shutdown::Shutdown;
+
+/// The registration as currently published, if it is.
+pub type Registered = watch::Receiver<Option<WorkerRegistration>>;
+
+/// Keeps `registration` published under a live lease until shutdown. `registered` reflects
+/// whether it is published; `health` is SERVING exactly while it is.
+pub async fn run(
+    store: Store,
+    mut registration: WorkerRegistration,
+    ttl: Duration,
+    health: Health,
+    registered: watch::Sender<Option<WorkerRegistration>>,
+    shutdown: Shutdown,
+) {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_requested() {
+        let session = tokio::select! {
+            session = Session::start(&store, ttl) => session,
+            _ = shutdown.requested() => break,
+        };
+        let session = match session {
+            Ok(session) => session,
+            Err(error) => {
+                warn!(%error, "cannot start etcd session; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.requested() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        registration.lease_id = session.lease_id();
+        if let Err(error) = store.register_worker(&session, &registration).await {
+            warn!(%error, "cannot register worker; retrying");
+            let _ = session.revoke().await;
+            continue;
+        }
+        backoff = Duration::from_millis(200);
+        info!(worker = %registration.worker_id, lease = session.lease_id(), "worker registered");
+        registered.send_replace(Some(registration.clone()));
+        health.set(true).await;
+        tokio::select! {
+            _ = session.lost() => {
+                warn!(worker = %registration.worker_id, "etcd session lost; registering again");
+                registered.send_replace(None);
+                health.set(false).await;
+            }
+            _ = shutdown.requested() => {
+                registered.send_replace(None);
+                health.set(false).await;
+                match session.revoke().await {
+                    Ok(()) => info!(worker = %registration.worker_id, "worker deregistered"),
+                    Err(error) => warn!(%error, "cannot revoke lease; it expires after its TTL"),
+                }
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The process shell of a worker: flags, gRPC server with `ferry.v1.WorkerService`, and
+//! membership in its pool. The snapshot and CDC workers add their work on top of this.
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use ferry_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
+use ferry_proto::v1::{
+    GetWorkerStatusRequest, GetWorkerStatusResponse, WorkerKind, WorkerRegistration,
+};
+use ferry_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tonic::service::Routes;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::config::{EtcdArgs, ListenArgs};
+use crate::grpc::{self, ServeError};
+use crate::membership::{self, Registered};
+use crate::shutdown::{self, Shutdown};
+
+/// Flags of a worker process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// etcd connection.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// gRPC listener.
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// Unique id of this worker (default: `<hostname>-<pid>`).
+    #[arg(long = "worker-id", env = "FERRY_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Units of work (pipes for CDC, partitions for snapshot) taken at once.
+    #[arg(long = "capacity", env = "FERRY_WORKER_CAPACITY", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub capacity: u32,
+}
+
+/// Why a worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Runs a worker of `kind` until SIGTERM/SIGINT: serves gRPC at once (NOT_SERVING until
+/// registered), keeps its registration live, and deregisters on the way out.
+pub async fn run(kind: WorkerKind, args: WorkerArgs) -> Result<(), WorkerError> {
+    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    let listener = TcpListener::bind(args.listen.listen)
+        .await
+        .map_err(|source| WorkerError::Bind {
+            addr: args.listen.listen,
+            source,
+        })?;
+    let registration = WorkerRegistration {
+        worker_id: worker_id.clone(),
+        kind: kind.into(),
+        address: args.listen.advertised(),
+        capacity: args.capacity,
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_at: Some(SystemTime::now().into()),
+        lease_id: 0,
+    };
+    info!(worker = %worker_id, ?kind, listen = %args.listen.listen, "worker starting");
+
+    let (stop, shutdown) = Shutdown::new();
+    let (registered_tx, registered) = watch::channel(None);
+    let (health_tx, health_rx) = oneshot::channel();
+    let routes = Routes::new(WorkerServiceServer::new(WorkerStatusService {
+        registered: registered.clone(),
+    }));
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(grpc::serve(
+        listener,
+        routes,
+        "ferry.v1.WorkerService",
+        move |health| {
+            let _ = health_tx.send(health);
+        },
+        async move { server_shutdown.requested().await },
+    ));
+    // The server hands out its health handle before it starts serving.
+    let membership = match health_rx.await {
+        Ok(health) => {
+            let config = args.etcd.store_config();
+            let ttl = args.etcd.lease_ttl();
+            let shutdown = shutdown.clone();
+            Some(tokio::spawn(async move {
+                let store = connect_until_ready(&config, &shutdown).await?;
+                membership::run(store, registration, ttl, health, registered_tx, shutdown).await;
+                Some(())
+            }))
+        }
+        Err(_) => None,
+    };
+    tokio::select! {
+        _ = shutdown::signal() => {}
+        _ = shutdown.requested() => {}
+    }
+    stop.send_replace(true);
+    if let Some(membership) = membership {
+        let _ = membership.await;
+    }
+    match server.await {
+        Ok(result) => result?,
+        Err(join) => info!(%join, "server task ended abnormally"),
+    }
+    info!(worker = %worker_id, "worker stopped");
+    Ok(())
+}
+
+/// Connects to etcd, retrying until it answers or shutdown is requested.
+pub async fn connect_until_ready(
+    config: &ferry_store::EtcdConfig,
+    shutdown: &Shutdown,
+) -> Option<Store> {
+    let mut backoff = std::time::Duration::from_millis(200);
+    loop {
+        match Store::connect(config).await {
+            Ok(store) => return Some(store),
+            Err(error) => {
+                tracing::warn!(%error, endpoints = ?config.endpoints, "etcd unreachable; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.requested() => return None,
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// `ferry.v1.WorkerService`: what this worker is and holds.
+#[derive(Debug)]
+struct WorkerStatusService {
+    registered: Registered,
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerStatusService {
+    async fn get_worker_status(
+        &self,
+        _request: Request<GetWorkerStatusRequest>,
+    ) -> Result<Response<GetWorkerStatusResponse>, Status> {
+        let registration = self.registered.borrow().clone();
+        Ok(Response::new(GetWorkerStatusResponse {
+            registered: registration.is_some(),
+            registration,
+            // Claims arrive with the snapshot and CDC work (issues 3 and 4); none exist yet.
+            claims: Vec::new(),
+        }))
+    }
+}

@@ -1,0 +1,80 @@
+//! Ferry's durable control state in etcd (DESIGN.md §3).
+//!
+//! - [`keys`]: the key layout under a configurable prefix.
+//! - [`session`]: a lease kept alive by its own task, which declares itself lost *before* the
+//!   lease can expire so holders fence themselves.
+//! - [`election`]: coordinator leader election; a [`Fence`] guards every leader write.
+//! - [`pipes`]: pipe records, written by compare-and-swap on `mod_revision` under a fence.
+//! - [`workers`]: worker registrations bound to leases.
+//! - [`watch`]: prefix watches that resume from the last seen revision after a reconnect.
+
+mod error;
+pub mod election;
+pub mod keys;
+pub mod pipes;
+pub mod session;
+pub mod watch;
+pub mod workers;
+
+use std::time::Duration;
+
+pub use election::{Fence, Leadership};
+pub use error::StoreError;
+pub use etcd_client::Client as EtcdClient;
+pub use keys::Keys;
+pub use pipes::PipeRecord;
+pub use session::{Session, SessionState};
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// `host:port` or `http://host:port` of one or more members.
+    pub endpoints: Vec<String>,
+    /// Every key lives under this prefix (default `/ferry`).
+    pub prefix: String,
+    /// Deadline of a single request.
+    pub request_timeout: Duration,
+}
+
+/// A connection to etcd plus the key layout: the handle every Ferry process uses.
+#[derive(Clone)]
+pub struct Store {
+    client: EtcdClient,
+    keys: Keys,
+}
+
+impl Store {
+    /// Connects to etcd. Fails with [`StoreError::Etcd`] if no member answers.
+    pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(config.request_timeout)
+            .with_timeout(config.request_timeout)
+            .with_keep_alive(Duration::from_secs(5), config.request_timeout)
+            .with_keep_alive_while_idle(true);
+        let mut client = EtcdClient::connect(&config.endpoints, Some(options)).await?;
+        // Prove a member answers before handing out the store.
+        client.status().await?;
+        Ok(Self {
+            client,
+            keys: Keys::new(&config.prefix),
+        })
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A handle on the underlying client (cheap: clones share one channel).
+    pub fn client(&self) -> EtcdClient {
+        self.client.clone()
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("prefix", &self.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,57 @@
+//! Worker registrations: `workers/<kind>/<worker>`, bound to the worker's session lease.
+
+use etcd_client::{GetOptions, PutOptions};
+use ferry_proto::v1::{WorkerKind, WorkerRegistration};
+use prost::Message as _;
+
+use crate::{Session, Store, StoreError};
+
+impl Store {
+    /// Publishes a worker's registration under its session's lease: it disappears when the
+    /// session ends, by revoke or by expiry.
+    pub async fn register_worker(
+        &self,
+        session: &Session,
+        registration: &WorkerRegistration,
+    ) -> Result<(), StoreError> {
+        let key = self
+            .keys()
+            .worker(registration.kind(), &registration.worker_id);
+        let options = PutOptions::new().with_lease(session.lease_id());
+        self.client()
+            .put(key, registration.encode_to_vec(), Some(options))
+            .await?;
+        Ok(())
+    }
+
+    /// The live registrations of one worker pool.
+    pub async fn list_workers(
+        &self,
+        kind: WorkerKind,
+    ) -> Result<Vec<WorkerRegistration>, StoreError> {
+        let response = self
+            .client()
+            .get(self.keys().workers(kind), Some(GetOptions::new().with_prefix()))
+            .await?;
+        response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                WorkerRegistration::decode(kv.value()).map_err(|e| StoreError::decode(kv.key(), e))
+            })
+            .collect()
+    }
+
+    /// Whether a worker's registration is present right now.
+    pub async fn worker_registered(
+        &self,
+        kind: WorkerKind,
+        worker: &str,
+    ) -> Result<bool, StoreError> {
+        let response = self
+            .client()
+            .get(self.keys().worker(kind, worker), Some(GetOptions::new().with_count_only()))
+            .await?;
+        Ok(response.count() > 0)
+    }
+}
