@@ -3,6 +3,10 @@
 //! Every status change Ferry writes goes through [`next_state`]; the store then writes it with a
 //! compare-and-swap so two writers cannot both apply an event to the same state.
 
+use std::time::SystemTime;
+
+use ferry_proto::v1::{PipeError, PipeStatus};
+
 use crate::{PipeMode, PipeState};
 
 /// Something that happened to a pipe and may move it to another state.
@@ -91,6 +95,42 @@ pub fn next_state(
         _ => return illegal,
     };
     Ok(next)
+}
+
+/// The status after `event`: new state, the previous one, why, and when. An error is kept only
+/// on the way into [`PipeState::Failed`] (pass it in `error`); any other move clears it.
+pub fn apply(
+    status: &PipeStatus,
+    mode: PipeMode,
+    event: PipeEvent,
+    reason: impl Into<String>,
+    error: Option<PipeError>,
+    now: SystemTime,
+) -> Result<PipeStatus, IllegalTransition> {
+    let next = next_state(status.state(), mode, event)?;
+    let mut updated = status.clone();
+    updated.previous_state = status.state;
+    updated.set_state(next);
+    updated.reason = reason.into();
+    updated.error = if next == PipeState::Failed {
+        error
+    } else {
+        None
+    };
+    updated.state_changed_at = Some(now.into());
+    Ok(updated)
+}
+
+/// The status of a pipe that was just created.
+pub fn initial_status(now: SystemTime) -> PipeStatus {
+    let mut status = PipeStatus {
+        reason: "pipe created; waiting for workers".into(),
+        created_at: Some(now.into()),
+        state_changed_at: Some(now.into()),
+        ..Default::default()
+    };
+    status.set_state(PipeState::Provisioning);
+    status
 }
 
 /// Whether `state` means the pipe holds (or may hold) a replication slot or other source
@@ -249,6 +289,33 @@ mod tests {
         assert_eq!(err.to_string(), "cannot pause a pipe in state setup");
         let err = next_state(S::Deleting, PipeMode::CdcOnly, E::DeleteRequested).unwrap_err();
         assert_eq!(err.to_string(), "cannot delete a pipe in state deleting");
+    }
+
+    #[test]
+    fn apply_records_the_move() {
+        let t0 = SystemTime::UNIX_EPOCH;
+        let created = initial_status(t0);
+        assert_eq!(created.state(), S::Provisioning);
+        let t1 = t0 + std::time::Duration::from_secs(5);
+        let setup = apply(&created, PipeMode::CdcOnly, E::WorkersReady, "workers up", None, t1)
+            .unwrap();
+        assert_eq!(setup.state(), S::Setup);
+        assert_eq!(setup.previous_state(), S::Provisioning);
+        assert_eq!(setup.reason, "workers up");
+        assert_eq!(setup.created_at, created.created_at);
+        assert_eq!(setup.state_changed_at, Some(t1.into()));
+        let error = PipeError {
+            message: "m".into(),
+            remedy: "r".into(),
+            ..Default::default()
+        };
+        let failed = apply(&setup, PipeMode::CdcOnly, E::Failed, "boom", Some(error.clone()), t1)
+            .unwrap();
+        assert_eq!(failed.error, Some(error));
+        let deleting =
+            apply(&failed, PipeMode::CdcOnly, E::DeleteRequested, "bye", None, t1).unwrap();
+        assert_eq!(deleting.error, None);
+        assert!(apply(&deleting, PipeMode::CdcOnly, E::WorkersReady, "", None, t1).is_err());
     }
 
     #[test]

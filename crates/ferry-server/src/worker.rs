@@ -53,6 +53,9 @@ pub enum WorkerError {
     /// The gRPC server failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// The etcd endpoints are malformed.
+    #[error("invalid etcd configuration")]
+    Store(#[from] ferry_store::StoreError),
 }
 
 /// Runs a worker of `kind` until SIGTERM/SIGINT: serves gRPC at once (NOT_SERVING until
@@ -95,13 +98,11 @@ pub async fn run(kind: WorkerKind, args: WorkerArgs) -> Result<(), WorkerError> 
     // The server hands out its health handle before it starts serving.
     let membership = match health_rx.await {
         Ok(health) => {
-            let config = args.etcd.store_config();
+            let store = Store::connect(&args.etcd.store_config()).await?;
             let ttl = args.etcd.lease_ttl();
             let shutdown = shutdown.clone();
             Some(tokio::spawn(async move {
-                let store = connect_until_ready(&config, &shutdown).await?;
                 membership::run(store, registration, ttl, health, registered_tx, shutdown).await;
-                Some(())
             }))
         }
         Err(_) => None,
@@ -120,27 +121,6 @@ pub async fn run(kind: WorkerKind, args: WorkerArgs) -> Result<(), WorkerError> 
     }
     info!(worker = %worker_id, "worker stopped");
     Ok(())
-}
-
-/// Connects to etcd, retrying until it answers or shutdown is requested.
-pub async fn connect_until_ready(
-    config: &ferry_store::EtcdConfig,
-    shutdown: &Shutdown,
-) -> Option<Store> {
-    let mut backoff = std::time::Duration::from_millis(200);
-    loop {
-        match Store::connect(config).await {
-            Ok(store) => return Some(store),
-            Err(error) => {
-                tracing::warn!(%error, endpoints = ?config.endpoints, "etcd unreachable; retrying");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.requested() => return None,
-        }
-        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-    }
 }
 
 fn default_worker_id() -> String {

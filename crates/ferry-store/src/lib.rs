@@ -44,16 +44,16 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects to etcd. Fails with [`StoreError::Etcd`] if no member answers.
+    /// Prepares a connection to etcd. The channel connects lazily, so this only fails on
+    /// malformed endpoints; an unreachable etcd shows up as retryable errors on use, which lets
+    /// a service start, report NOT_SERVING, and recover when etcd comes back.
     pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(config.request_timeout)
             .with_timeout(config.request_timeout)
             .with_keep_alive(Duration::from_secs(5), config.request_timeout)
             .with_keep_alive_while_idle(true);
-        let mut client = EtcdClient::connect(&config.endpoints, Some(options)).await?;
-        // Prove a member answers before handing out the store.
-        client.status().await?;
+        let client = EtcdClient::connect(&config.endpoints, Some(options)).await?;
         Ok(Self {
             client,
             keys: Keys::new(&config.prefix),

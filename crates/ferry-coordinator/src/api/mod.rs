@@ -1,0 +1,346 @@
+//! `ferry.v1.PipeService`, served by every coordinator replica.
+//!
+//! Reads come straight from etcd. Writes validate first (nothing is written for a bad request),
+//! then run on the leader under its fence (see [`route`]), as compare-and-swap on what they read.
+
+mod route;
+mod watch;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ferry_core::lifecycle::{self, PipeEvent, has_started_replicating};
+use ferry_core::naming::check_pipe_name;
+use ferry_core::secret::SecretKey;
+use ferry_core::spec::{self, source_table_name};
+use ferry_core::PipeState;
+use ferry_proto::v1::pipe_service_server::PipeService;
+use ferry_proto::v1::*;
+use ferry_store::{PipeRecord, Store, StoreError};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::errors::{error_chain, illegal, invalid_spec, store_status};
+use crate::leadership::LeaderFence;
+use route::{Route, Router};
+
+/// How often a write retries after losing a compare-and-swap to a concurrent change.
+const CAS_ATTEMPTS: usize = 3;
+
+/// The `PipeService` implementation.
+#[derive(Debug, Clone)]
+pub struct PipeApi {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    secret_key: SecretKey,
+    router: Router,
+}
+
+impl PipeApi {
+    /// An API for coordinator `me`, writing when `fence` holds a leadership.
+    pub fn new(store: Store, secret_key: SecretKey, me: String, fence: LeaderFence) -> Self {
+        let router = Router::new(me, fence, store.clone());
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                secret_key,
+                router,
+            }),
+        }
+    }
+
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    async fn existing(&self, name: &str) -> Result<PipeRecord, Status> {
+        check_pipe_name(name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        self.store()
+            .get_pipe(name)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("pipe {name} does not exist")))
+    }
+
+    /// Checks that `event` applies to the pipe now, for operations a later issue implements:
+    /// the caller learns whether the request is valid even before the feature exists.
+    async fn not_yet(&self, name: &str, event: PipeEvent, feature: &str) -> Result<Pipe, Status> {
+        let record = self.existing(name).await?;
+        lifecycle::next_state(record.status.state(), record.spec.mode(), event)
+            .map_err(|e| illegal(name, &e))?;
+        Err(Status::unimplemented(format!(
+            "{feature} is not available in this Ferry version; pipe {name} was not changed"
+        )))
+    }
+}
+
+/// A stored pipe as the API shows it.
+pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
+    Pipe {
+        spec: Some(record.spec.clone()),
+        status: Some(record.status.clone()),
+        status_revision: record.status_revision,
+    }
+}
+
+/// Sends a request to the leader when this replica is not it; otherwise yields the fence.
+macro_rules! route {
+    ($self:ident, $request:ident, $method:ident) => {
+        match $self.inner.router.route(&$request).await? {
+            Route::Local(fence) => fence,
+            Route::Forward(mut leader) => {
+                return leader.$method($self.inner.router.forwarded($request)).await;
+            }
+        }
+    };
+}
+
+#[tonic::async_trait]
+impl PipeService for PipeApi {
+    async fn create_pipe(
+        &self,
+        request: Request<CreatePipeRequest>,
+    ) -> Result<Response<CreatePipeResponse>, Status> {
+        // Validate before routing: a bad request is refused wherever it lands.
+        let CreatePipeRequest { spec, secrets } = request.get_ref().clone();
+        let spec = spec.ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        let spec = spec::normalize_new_pipe(spec).map_err(|e| invalid_spec(&e))?;
+        let fence = route!(self, request, create_pipe);
+        let sealed = self
+            .inner
+            .secret_key
+            .seal(&spec.name, &secrets.unwrap_or_default())
+            .map_err(|e| Status::internal(error_chain(&e)))?;
+        let status = lifecycle::initial_status(SystemTime::now());
+        let record = self
+            .store()
+            .create_pipe(&fence, &spec, &sealed, &status)
+            .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists { .. } => Status::already_exists(format!(
+                    "spec.name: a pipe named {} already exists",
+                    spec.name
+                )),
+                other => store_status(other),
+            })?;
+        info!(pipe = %spec.name, mode = spec.mode().as_str_name(), tables = spec.tables.len(), "pipe created");
+        Ok(Response::new(CreatePipeResponse {
+            pipe: Some(to_proto(&record)),
+        }))
+    }
+
+    async fn get_pipe(
+        &self,
+        request: Request<GetPipeRequest>,
+    ) -> Result<Response<GetPipeResponse>, Status> {
+        let record = self.existing(&request.get_ref().name).await?;
+        Ok(Response::new(GetPipeResponse {
+            pipe: Some(to_proto(&record)),
+        }))
+    }
+
+    async fn list_pipes(
+        &self,
+        request: Request<ListPipesRequest>,
+    ) -> Result<Response<ListPipesResponse>, Status> {
+        let states = &request.get_ref().states;
+        if let Some(bad) = states.iter().find(|s| PipeState::try_from(**s).is_err()) {
+            return Err(Status::invalid_argument(format!("states: unknown state {bad}")));
+        }
+        let listing = self.store().list_pipes().await.map_err(store_status)?;
+        let pipes = listing
+            .pipes
+            .values()
+            .filter(|r| states.is_empty() || states.contains(&r.status.state))
+            .map(to_proto)
+            .collect();
+        Ok(Response::new(ListPipesResponse { pipes }))
+    }
+
+    type WatchPipeStream = ReceiverStream<Result<WatchPipeResponse, Status>>;
+
+    async fn watch_pipe(
+        &self,
+        request: Request<WatchPipeRequest>,
+    ) -> Result<Response<Self::WatchPipeStream>, Status> {
+        let record = self.existing(&request.get_ref().name).await?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(watch::stream(self.store().clone(), record, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn update_pipe_settings(
+        &self,
+        request: Request<UpdatePipeSettingsRequest>,
+    ) -> Result<Response<UpdatePipeSettingsResponse>, Status> {
+        let update = request.get_ref().settings.clone().unwrap_or_default();
+        let name = request.get_ref().name.clone();
+        // Validate against the defaults first, so a bad value is refused even on a follower.
+        spec::apply_settings_update(&Default::default(), &update).map_err(|e| invalid_spec(&e))?;
+        let fence = route!(self, request, update_pipe_settings);
+        for _ in 0..CAS_ATTEMPTS {
+            let mut record = self.existing(&name).await?;
+            if record.status.state() == PipeState::Deleting {
+                return Err(Status::failed_precondition(format!(
+                    "pipe {name} is being deleted"
+                )));
+            }
+            let current = record.spec.settings.clone().unwrap_or_default();
+            let merged =
+                spec::apply_settings_update(&current, &update).map_err(|e| invalid_spec(&e))?;
+            record.spec.settings = Some(merged);
+            match self
+                .store()
+                .put_pipe_spec(&fence, record.spec_revision, &record.spec)
+                .await
+            {
+                Ok(revision) => {
+                    record.spec_revision = revision;
+                    info!(pipe = %name, "pipe settings updated");
+                    return Ok(Response::new(UpdatePipeSettingsResponse {
+                        pipe: Some(to_proto(&record)),
+                    }));
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(other) => return Err(store_status(other)),
+            }
+        }
+        Err(Status::aborted(format!(
+            "pipe {name} kept changing during the update; retry"
+        )))
+    }
+
+    async fn pause_pipe(
+        &self,
+        request: Request<PausePipeRequest>,
+    ) -> Result<Response<PausePipeResponse>, Status> {
+        let pipe = self
+            .not_yet(&request.get_ref().name, PipeEvent::PauseRequested, "pausing (CDC)")
+            .await?;
+        Ok(Response::new(PausePipeResponse { pipe: Some(pipe) }))
+    }
+
+    async fn resume_pipe(
+        &self,
+        request: Request<ResumePipeRequest>,
+    ) -> Result<Response<ResumePipeResponse>, Status> {
+        let pipe = self
+            .not_yet(&request.get_ref().name, PipeEvent::ResumeRequested, "resuming (CDC)")
+            .await?;
+        Ok(Response::new(ResumePipeResponse { pipe: Some(pipe) }))
+    }
+
+    async fn resync_pipe(
+        &self,
+        request: Request<ResyncPipeRequest>,
+    ) -> Result<Response<ResyncPipeResponse>, Status> {
+        let pipe = self
+            .not_yet(&request.get_ref().name, PipeEvent::ResyncRequested, "resync")
+            .await?;
+        Ok(Response::new(ResyncPipeResponse { pipe: Some(pipe) }))
+    }
+
+    async fn add_tables(
+        &self,
+        request: Request<AddTablesRequest>,
+    ) -> Result<Response<AddTablesResponse>, Status> {
+        let AddTablesRequest { name, tables } = request.into_inner();
+        let record = self.existing(&name).await?;
+        spec::normalize_added_tables(tables, &record.spec.tables).map_err(|e| invalid_spec(&e))?;
+        let pipe = self
+            .not_yet(&name, PipeEvent::ModifyRequested, "adding tables")
+            .await?;
+        Ok(Response::new(AddTablesResponse { pipe: Some(pipe) }))
+    }
+
+    async fn remove_tables(
+        &self,
+        request: Request<RemoveTablesRequest>,
+    ) -> Result<Response<RemoveTablesResponse>, Status> {
+        let RemoveTablesRequest {
+            name,
+            source_tables,
+        } = request.into_inner();
+        let record = self.existing(&name).await?;
+        if source_tables.is_empty() {
+            return Err(Status::invalid_argument("source_tables: must list at least one table"));
+        }
+        let present: Vec<String> = record.spec.tables.iter().map(source_table_name).collect();
+        for (i, table) in source_tables.iter().enumerate() {
+            if !present.contains(table) {
+                return Err(Status::invalid_argument(format!(
+                    "source_tables[{i}]: {table} is not replicated by pipe {name} (tables are named schema.table)"
+                )));
+            }
+        }
+        if present.iter().all(|t| source_tables.contains(t)) {
+            return Err(Status::failed_precondition(format!(
+                "pipe {name} would have no tables left; delete the pipe instead"
+            )));
+        }
+        let pipe = self
+            .not_yet(&name, PipeEvent::ModifyRequested, "removing tables")
+            .await?;
+        Ok(Response::new(RemoveTablesResponse { pipe: Some(pipe) }))
+    }
+
+    async fn delete_pipe(
+        &self,
+        request: Request<DeletePipeRequest>,
+    ) -> Result<Response<DeletePipeResponse>, Status> {
+        let name = request.get_ref().name.clone();
+        check_pipe_name(&name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        let fence = route!(self, request, delete_pipe);
+        for _ in 0..CAS_ATTEMPTS {
+            let mut record = self.existing(&name).await?;
+            let state = record.status.state();
+            if state == PipeState::Deleting {
+                // Already on its way out: deleting again is not an error.
+                return Ok(Response::new(DeletePipeResponse {
+                    pipe: Some(to_proto(&record)),
+                }));
+            }
+            if has_started_replicating(state) {
+                return Err(Status::unimplemented(format!(
+                    "pipe {name} is in state {}: deleting a pipe that holds a replication slot is not available in this Ferry version",
+                    lifecycle::state_name(state)
+                )));
+            }
+            let status = lifecycle::apply(
+                &record.status,
+                record.spec.mode(),
+                PipeEvent::DeleteRequested,
+                "DeletePipe requested",
+                None,
+                SystemTime::now(),
+            )
+            .map_err(|e| illegal(&name, &e))?;
+            match self
+                .store()
+                .put_pipe_status(&fence, &name, record.status_revision, &status)
+                .await
+            {
+                Ok(revision) => {
+                    record.status = status;
+                    record.status_revision = revision;
+                    info!(pipe = %name, "pipe deletion requested");
+                    return Ok(Response::new(DeletePipeResponse {
+                        pipe: Some(to_proto(&record)),
+                    }));
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(other) => return Err(store_status(other)),
+            }
+        }
+        warn!(pipe = %name, "delete kept conflicting");
+        Err(Status::aborted(format!(
+            "pipe {name} kept changing during the delete; retry"
+        )))
+    }
+}
