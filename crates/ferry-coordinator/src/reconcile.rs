@@ -145,7 +145,7 @@ async fn reconcile_pipe(
                 .into_iter()
                 .map(|kind| {
                     let ids: Vec<&str> = workers.of(kind).iter().map(|w| w.worker_id.as_str()).collect();
-                    format!("{} worker(s) {}", kind.as_str_name(), ids.join(", "))
+                    format!("{} worker(s) {}", ferry_store::keys::kind_segment(kind), ids.join(", "))
                 })
                 .collect();
             let reason = format!("workers available: {}", available.join("; "));

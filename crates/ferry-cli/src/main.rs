@@ -1,0 +1,296 @@
+//! `ferry`: create, inspect and steer pipes through a coordinator's `PipeService`.
+
+mod render;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_proto::v1::pipe_service_client::PipeServiceClient;
+use ferry_proto::v1::*;
+use tonic::transport::Channel;
+
+/// Ferry: PostgreSQL → ClickHouse replication.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Coordinator address.
+    #[arg(long, env = "FERRY_ADDR", default_value = "http://127.0.0.1:7400", global = true)]
+    addr: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a pipe. Passwords are read from FERRY_SOURCE_PASSWORD and
+    /// FERRY_CLICKHOUSE_PASSWORD, never from flags (which end up in shell history).
+    Create(CreateArgs),
+    /// List pipes.
+    List {
+        /// Only pipes in these states (e.g. running, failed).
+        #[arg(long = "state", value_enum)]
+        states: Vec<StateArg>,
+    },
+    /// Show one pipe.
+    Get { name: String },
+    /// Follow a pipe's state changes until it is deleted (Ctrl-C to stop).
+    Watch { name: String },
+    /// Pause CDC after flushing the in-flight batch.
+    Pause { name: String },
+    /// Resume a paused pipe.
+    Resume { name: String },
+    /// Reload every table and swap it in atomically.
+    Resync { name: String },
+    /// Add tables (schema.table, or table for public.table).
+    AddTables {
+        name: String,
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
+    /// Stop replicating tables (schema.table).
+    RemoveTables {
+        name: String,
+        #[arg(required = true)]
+        tables: Vec<String>,
+    },
+    /// Change settings of a pipe; only the flags given change.
+    Settings {
+        name: String,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// Delete a pipe.
+    Delete { name: String },
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateArgs {
+    /// Pipe name: a-z, 0-9 and '_', starting with a letter.
+    name: String,
+    /// Source tables as schema.table (or table, for public.table); repeat or comma-separate.
+    #[arg(long = "table", required = true, value_delimiter = ',')]
+    tables: Vec<String>,
+    #[arg(long, value_enum, default_value = "snapshot-and-cdc")]
+    mode: ModeArg,
+    /// Postgres host.
+    #[arg(long)]
+    source_host: String,
+    #[arg(long, default_value_t = 5432)]
+    source_port: u32,
+    #[arg(long)]
+    source_database: String,
+    #[arg(long)]
+    source_user: String,
+    /// Existing publication to use (default: Ferry creates ferry_<name>).
+    #[arg(long)]
+    publication: Option<String>,
+    /// ClickHouse HTTP URL.
+    #[arg(long)]
+    clickhouse_url: String,
+    #[arg(long, default_value = "default")]
+    clickhouse_database: String,
+    #[arg(long, default_value = "default")]
+    clickhouse_user: String,
+    #[command(flatten)]
+    settings: SettingsArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct SettingsArgs {
+    /// Seconds between CDC batches.
+    #[arg(long)]
+    sync_interval: Option<i64>,
+    /// Most changes in one CDC batch.
+    #[arg(long)]
+    pull_batch_size: Option<i64>,
+    /// Rows per snapshot partition.
+    #[arg(long)]
+    rows_per_partition: Option<i64>,
+    /// Partitions of one table copied at once.
+    #[arg(long)]
+    parallel_partitions: Option<i64>,
+    /// Tables copied at once.
+    #[arg(long)]
+    parallel_tables: Option<i64>,
+}
+
+impl SettingsArgs {
+    fn to_proto(&self) -> PipeSettings {
+        PipeSettings {
+            sync_interval: self.sync_interval.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+            pull_batch_size: self.pull_batch_size,
+            snapshot_rows_per_partition: self.rows_per_partition,
+            snapshot_parallel_partitions: self.parallel_partitions,
+            snapshot_parallel_tables: self.parallel_tables,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ModeArg {
+    SnapshotAndCdc,
+    CdcOnly,
+    SnapshotOnly,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StateArg {
+    Provisioning,
+    Setup,
+    Snapshot,
+    Running,
+    Pausing,
+    Paused,
+    Modifying,
+    Resync,
+    Completed,
+    Failed,
+    Deleting,
+}
+
+impl StateArg {
+    fn to_proto(self) -> PipeState {
+        match self {
+            Self::Provisioning => PipeState::Provisioning,
+            Self::Setup => PipeState::Setup,
+            Self::Snapshot => PipeState::Snapshot,
+            Self::Running => PipeState::Running,
+            Self::Pausing => PipeState::Pausing,
+            Self::Paused => PipeState::Paused,
+            Self::Modifying => PipeState::Modifying,
+            Self::Resync => PipeState::Resync,
+            Self::Completed => PipeState::Completed,
+            Self::Failed => PipeState::Failed,
+            Self::Deleting => PipeState::Deleting,
+        }
+    }
+}
+
+fn table_mapping(table: &str) -> TableMapping {
+    let (schema, name) = table.split_once('.').unwrap_or(("", table));
+    TableMapping {
+        source_schema: schema.into(),
+        source_table: name.into(),
+        destination_table: String::new(),
+    }
+}
+
+fn qualified(table: &str) -> String {
+    if table.contains('.') { table.to_owned() } else { format!("public.{table}") }
+}
+
+async fn connect(addr: &str) -> anyhow::Result<PipeServiceClient<Channel>> {
+    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let channel = Channel::from_shared(uri.clone())
+        .with_context(|| format!("bad coordinator address {addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {uri}"))?;
+    Ok(PipeServiceClient::new(channel))
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli).await {
+        match error.downcast_ref::<tonic::Status>() {
+            Some(status) => eprintln!("error: {} ({:?})", status.message(), status.code()),
+            None => eprintln!("error: {error:#}"),
+        }
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut client = connect(&cli.addr).await?;
+    match cli.command {
+        Command::Create(args) => {
+            let spec = PipeSpec {
+                name: args.name,
+                source: Some(PostgresSource {
+                    host: args.source_host,
+                    port: args.source_port,
+                    database: args.source_database,
+                    user: args.source_user,
+                    ssl_mode: SslMode::Unspecified.into(),
+                    publication: args.publication.unwrap_or_default(),
+                    slot_name: String::new(),
+                }),
+                destination: Some(ClickHouseDestination {
+                    url: args.clickhouse_url,
+                    database: args.clickhouse_database,
+                    user: args.clickhouse_user,
+                }),
+                tables: args.tables.iter().map(|t| table_mapping(t)).collect(),
+                mode: match args.mode {
+                    ModeArg::SnapshotAndCdc => PipeMode::SnapshotAndCdc,
+                    ModeArg::CdcOnly => PipeMode::CdcOnly,
+                    ModeArg::SnapshotOnly => PipeMode::SnapshotOnly,
+                }
+                .into(),
+                settings: Some(args.settings.to_proto()),
+            };
+            let secrets = PipeSecrets {
+                source_password: std::env::var("FERRY_SOURCE_PASSWORD").unwrap_or_default(),
+                destination_password: std::env::var("FERRY_CLICKHOUSE_PASSWORD").unwrap_or_default(),
+            };
+            let response = client
+                .create_pipe(CreatePipeRequest { spec: Some(spec), secrets: Some(secrets) })
+                .await?;
+            render::pipe(response.get_ref().pipe.as_ref());
+        }
+        Command::List { states } => {
+            let states = states.into_iter().map(|s| s.to_proto().into()).collect();
+            let response = client.list_pipes(ListPipesRequest { states }).await?;
+            render::list(&response.get_ref().pipes);
+        }
+        Command::Get { name } => {
+            let response = client.get_pipe(GetPipeRequest { name }).await?;
+            render::pipe(response.get_ref().pipe.as_ref());
+        }
+        Command::Watch { name } => {
+            let mut stream = client.watch_pipe(WatchPipeRequest { name }).await?.into_inner();
+            while let Some(update) = stream.message().await? {
+                render::change(&update);
+                if update.deleted {
+                    break;
+                }
+            }
+        }
+        Command::Pause { name } => {
+            let r = client.pause_pipe(PausePipeRequest { name }).await?;
+            render::pipe(r.get_ref().pipe.as_ref());
+        }
+        Command::Resume { name } => {
+            let r = client.resume_pipe(ResumePipeRequest { name }).await?;
+            render::pipe(r.get_ref().pipe.as_ref());
+        }
+        Command::Resync { name } => {
+            let r = client.resync_pipe(ResyncPipeRequest { name }).await?;
+            render::pipe(r.get_ref().pipe.as_ref());
+        }
+        Command::AddTables { name, tables } => {
+            let tables = tables.iter().map(|t| table_mapping(t)).collect();
+            let r = client.add_tables(AddTablesRequest { name, tables }).await?;
+            render::pipe(r.get_ref().pipe.as_ref());
+        }
+        Command::RemoveTables { name, tables } => {
+            let source_tables = tables.iter().map(|t| qualified(t)).collect();
+            let r = client.remove_tables(RemoveTablesRequest { name, source_tables }).await?;
+            render::pipe(r.get_ref().pipe.as_ref());
+        }
+        Command::Settings { name, settings } => {
+            let r = client
+                .update_pipe_settings(UpdatePipeSettingsRequest { name, settings: Some(settings.to_proto()) })
+                .await?;
+            render::pipe(r.get_ref().pipe.as_ref());
+        }
+        Command::Delete { name } => {
+            let r = client.delete_pipe(DeletePipeRequest { name }).await?;
+            render::pipe(r.get_ref().pipe.as_ref());
+        }
+    }
+    Ok(())
+}

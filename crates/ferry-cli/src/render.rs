@@ -1,0 +1,80 @@
+//! Human-readable output of pipes.
+
+use ferry_core::lifecycle::state_name;
+use ferry_proto::v1::{Pipe, PipeState, WatchPipeResponse};
+
+fn when(ts: Option<&prost_types::Timestamp>) -> String {
+    ts.map_or_else(|| "-".into(), ToString::to_string)
+}
+
+fn state(pipe: &Pipe) -> &'static str {
+    state_name(pipe.status.as_ref().map_or(PipeState::Unspecified, |s| s.state()))
+}
+
+/// One pipe, in full.
+pub fn pipe(pipe: Option<&Pipe>) {
+    let Some(pipe) = pipe else { return };
+    let spec = pipe.spec.clone().unwrap_or_default();
+    let status = pipe.status.clone().unwrap_or_default();
+    println!("pipe      {}", spec.name);
+    println!("state     {}  ({})", state(pipe), status.reason);
+    println!("mode      {}", spec.mode().as_str_name());
+    if let Some(source) = &spec.source {
+        println!("source    postgres://{}@{}:{}/{}", source.user, source.host, source.port, source.database);
+    }
+    if let Some(dest) = &spec.destination {
+        println!("dest      {} database {} (user {})", dest.url, dest.database, dest.user);
+    }
+    for table in &spec.tables {
+        let progress = status
+            .tables
+            .iter()
+            .find(|t| t.source_table == format!("{}.{}", table.source_schema, table.source_table))
+            .map(|t| format!("  {}/{} rows, {}/{} partitions", t.rows_copied, t.rows_estimated, t.partitions_done, t.partitions_total))
+            .unwrap_or_default();
+        println!("table     {}.{} -> {}{progress}", table.source_schema, table.source_table, table.destination_table);
+    }
+    if let Some(settings) = &spec.settings {
+        println!(
+            "settings  sync_interval={}s pull_batch_size={} rows_per_partition={} parallel_partitions={} parallel_tables={}",
+            settings.sync_interval.map_or(0, |d| d.seconds),
+            settings.pull_batch_size.unwrap_or_default(),
+            settings.snapshot_rows_per_partition.unwrap_or_default(),
+            settings.snapshot_parallel_partitions.unwrap_or_default(),
+            settings.snapshot_parallel_tables.unwrap_or_default(),
+        );
+    }
+    if let Some(error) = &status.error {
+        println!("error     {}", error.message);
+        println!("remedy    {}", error.remedy);
+    }
+    println!("created   {}", when(status.created_at.as_ref()));
+    println!("changed   {}", when(status.state_changed_at.as_ref()));
+}
+
+/// Pipes as a table.
+pub fn list(pipes: &[Pipe]) {
+    println!("{:<24} {:<14} {:<28} {:>6}  REASON", "NAME", "STATE", "MODE", "TABLES");
+    for pipe in pipes {
+        let spec = pipe.spec.clone().unwrap_or_default();
+        let reason = pipe.status.as_ref().map_or("", |s| s.reason.as_str());
+        println!(
+            "{:<24} {:<14} {:<28} {:>6}  {reason}",
+            spec.name,
+            state(pipe),
+            spec.mode().as_str_name(),
+            spec.tables.len()
+        );
+    }
+}
+
+/// One line per change seen by `watch`.
+pub fn change(update: &WatchPipeResponse) {
+    let Some(pipe) = &update.pipe else { return };
+    let status = pipe.status.clone().unwrap_or_default();
+    if update.deleted {
+        println!("{}  deleted", when(status.state_changed_at.as_ref()));
+        return;
+    }
+    println!("{}  {:<12} {}", when(status.state_changed_at.as_ref()), state(pipe), status.reason);
+}
