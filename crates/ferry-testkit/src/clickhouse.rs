@@ -1,0 +1,76 @@
+//! ClickHouse: the chdb engine behind the HTTP adapter in `deploy/local/chdb_server.py`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::{ChildProcess, KitError, free_port, repo_root, wait};
+
+/// A running adapter; user `default` with the given password.
+#[derive(Debug)]
+pub struct ClickHouse {
+    port: u16,
+    dir: TempDir,
+    _process: ChildProcess,
+}
+
+/// The Python that has chdb: `FERRY_PYTHON`, else the repo's `.tools/venv`.
+pub fn python() -> PathBuf {
+    std::env::var_os("FERRY_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".tools/venv/bin/python"))
+}
+
+impl ClickHouse {
+    /// Starts the adapter with an empty password.
+    pub async fn start() -> Result<Self, KitError> {
+        Self::start_with_password("").await
+    }
+
+    /// Starts the adapter requiring `password` for user `default`.
+    pub async fn start_with_password(password: &str) -> Result<Self, KitError> {
+        let dir = tempfile::Builder::new().prefix("ferry-ch-").tempdir()?;
+        let port = free_port()?;
+        let mut command = Command::new(python());
+        command
+            .arg(repo_root().join("deploy/local/chdb_server.py"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"));
+        if !password.is_empty() {
+            let file = dir.path().join("password");
+            std::fs::write(&file, password)?;
+            command.arg("--password-file").arg(file);
+        }
+        let log = dir.path().join("clickhouse.log");
+        let process = ChildProcess::spawn("clickhouse", command, &log)?;
+        let addr = format!("127.0.0.1:{port}");
+        // Importing chdb takes a few seconds on a cold cache.
+        let ready = wait::until(Duration::from_secs(60), || async {
+            wait::port_open(&addr).await.then_some(())
+        })
+        .await;
+        ready.ok_or_else(|| KitError::NotReady {
+            what: "clickhouse adapter".into(),
+            seconds: 60,
+            log: log.display().to_string(),
+        })?;
+        Ok(Self {
+            port,
+            dir,
+            _process: process,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The adapter's log.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("clickhouse.log")
+    }
+}

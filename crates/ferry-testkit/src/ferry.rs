@@ -1,0 +1,165 @@
+//! Ferry's own services as child processes, wired to a test etcd.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_core::secret::SecretKey;
+use ferry_proto::v1::pipe_service_client::PipeServiceClient;
+use ferry_proto::v1::WorkerKind;
+use ferry_store::{EtcdConfig, Store, StoreError};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::{ChildProcess, KitError, free_port, wait};
+
+/// Where the service binaries are: `FERRY_BIN_DIR`, else the cargo target dir of this build.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERRY_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // Test executables live in target/<profile>/deps; binaries one level up.
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|deps| deps.parent().unwrap_or(deps).to_path_buf()))
+        .unwrap_or_else(|| PathBuf::from("target/debug"))
+}
+
+/// Settings shared by the services of one test.
+#[derive(Debug)]
+pub struct Ferry {
+    dir: TempDir,
+    etcd_endpoints: Vec<String>,
+    key_file: PathBuf,
+    lease_ttl_secs: u64,
+}
+
+/// A running Ferry service.
+#[derive(Debug)]
+pub struct Service {
+    /// Its coordinator or worker id.
+    pub id: String,
+    /// `127.0.0.1:<port>`.
+    pub addr: String,
+    process: ChildProcess,
+}
+
+impl Ferry {
+    /// Services talking to etcd at `endpoints`, with leases of `lease_ttl_secs`.
+    pub fn new(endpoints: Vec<String>, lease_ttl_secs: u64) -> Result<Self, KitError> {
+        let dir = tempfile::Builder::new().prefix("ferry-svc-").tempdir()?;
+        let key_file = dir.path().join("secret.key");
+        std::fs::write(&key_file, SecretKey::generate_base64())?;
+        Ok(Self {
+            dir,
+            etcd_endpoints: endpoints,
+            key_file,
+            lease_ttl_secs,
+        })
+    }
+
+    /// The secret key file the services use.
+    pub fn key_file(&self) -> &PathBuf {
+        &self.key_file
+    }
+
+    /// A store on the same etcd.
+    pub async fn store(&self) -> Result<Store, StoreError> {
+        Store::connect(&EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: "/ferry".into(),
+            request_timeout: Duration::from_secs(5),
+        })
+        .await
+    }
+
+    fn spawn(&self, binary: &str, id: &str, extra: &[&str]) -> Result<Service, KitError> {
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let mut command = Command::new(bin_dir().join(binary));
+        command
+            .args(["--listen", &addr])
+            .args(["--etcd-endpoints", &self.etcd_endpoints.join(",")])
+            .args(["--lease-ttl", &self.lease_ttl_secs.to_string()])
+            .args(["--log-level", "info,ferry_store=debug"])
+            .args(extra);
+        let log = self.dir.path().join(format!("{id}.log"));
+        let process = ChildProcess::spawn(id, command, &log).map_err(|e| match e {
+            KitError::Spawn { program, source, .. } => KitError::Spawn {
+                program,
+                hint: "build the service binaries first: cargo build --bins".into(),
+                source,
+            },
+            other => other,
+        })?;
+        Ok(Service {
+            id: id.to_owned(),
+            addr,
+            process,
+        })
+    }
+
+    /// Starts a coordinator replica.
+    pub fn coordinator(&self, id: &str) -> Result<Service, KitError> {
+        let key = self.key_file.display().to_string();
+        self.spawn(
+            "ferry-coordinator",
+            id,
+            &["--coordinator-id", id, "--secret-key-file", &key, "--reconcile-interval", "2"],
+        )
+    }
+
+    /// Starts a worker of `kind`.
+    pub fn worker(&self, kind: WorkerKind, id: &str) -> Result<Service, KitError> {
+        let binary = match kind {
+            WorkerKind::Cdc => "ferry-cdc-worker",
+            _ => "ferry-snapshot-worker",
+        };
+        self.spawn(binary, id, &["--worker-id", id])
+    }
+}
+
+impl Service {
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The process handle (kill -9, SIGTERM, log).
+    pub fn process(&mut self) -> &mut ChildProcess {
+        &mut self.process
+    }
+
+    /// The health status of `service` ("" for the server), if the server answers.
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let channel = tonic::transport::Endpoint::new(self.url()).ok()?.connect().await.ok()?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .ok()?;
+        Some(response.into_inner().status())
+    }
+
+    /// Waits until the server reports SERVING.
+    pub async fn wait_serving(&self, within: Duration) -> Result<(), KitError> {
+        wait::until(within, || async {
+            (self.health("").await == Some(ServingStatus::Serving)).then_some(())
+        })
+        .await
+        .ok_or_else(|| KitError::NotReady {
+            what: self.id.clone(),
+            seconds: within.as_secs(),
+            log: self.process.log().display().to_string(),
+        })
+    }
+
+    /// A `PipeService` client connected to this service.
+    pub async fn pipe_client(&self) -> Result<PipeServiceClient<Channel>, tonic::transport::Error> {
+        PipeServiceClient::connect(self.url()).await
+    }
+}

@@ -1,0 +1,141 @@
+//! A PostgreSQL 15 server with `wal_level=logical` on a free loopback port.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::process::run;
+use crate::{ChildProcess, KitError, free_port, wait};
+
+const BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A running Postgres server; trust auth for local TCP clients, superuser `postgres`.
+#[derive(Debug)]
+pub struct Postgres {
+    port: u16,
+    dir: TempDir,
+    process: Option<ChildProcess>,
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// A command for a server binary: as the `postgres` user when we are root (initdb refuses root).
+fn server_command(program: &str) -> Command {
+    let path = Path::new(BIN).join(program);
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(path);
+        command
+    } else {
+        Command::new(path)
+    }
+}
+
+impl Postgres {
+    /// `initdb` into a temp dir and start the server with `extra` settings (`name=value`).
+    pub async fn start_with(extra: &[&str]) -> Result<Self, KitError> {
+        let dir = tempfile::Builder::new().prefix("ferry-pg-").tempdir()?;
+        let data = dir.path().join("data");
+        if is_root() {
+            // The temp dir is 0700 root; the postgres user must reach its data dir.
+            std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+            std::fs::create_dir(&data)?;
+            run({
+                let mut c = Command::new("chown");
+                c.arg("postgres:postgres").arg(&data);
+                c
+            })?;
+        }
+        let mut initdb = server_command("initdb");
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["--auth=trust", "--username=postgres", "--encoding=UTF8", "--no-sync"]);
+        run(initdb)?;
+        let port = free_port()?;
+        let mut postgres = server_command("postgres");
+        postgres
+            .arg("-D")
+            .arg(&data)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-k")
+            .arg(&data)
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "wal_level=logical"])
+            .args(["-c", "max_replication_slots=20"])
+            .args(["-c", "max_wal_senders=20"])
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+        for setting in extra {
+            postgres.args(["-c", setting]);
+        }
+        let log = dir.path().join("postgres.log");
+        let process = ChildProcess::spawn("postgres", postgres, &log)?;
+        let pg = Self {
+            port,
+            dir,
+            process: Some(process),
+        };
+        pg.wait_ready().await?;
+        Ok(pg)
+    }
+
+    /// A default server.
+    pub async fn start() -> Result<Self, KitError> {
+        Self::start_with(&[]).await
+    }
+
+    async fn wait_ready(&self) -> Result<(), KitError> {
+        let conn = self.connection_string("postgres");
+        let ready = wait::until(Duration::from_secs(30), || async {
+            tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        ready.ok_or_else(|| KitError::NotReady {
+            what: "postgres".into(),
+            seconds: 30,
+            log: self.log().display().to_string(),
+        })
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server log.
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// A libpq-style connection string for `database` as `postgres`.
+    pub fn connection_string(&self, database: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={database}", self.port)
+    }
+
+    /// A connected client (its connection task runs in the background).
+    pub async fn client(&self, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) =
+            tokio_postgres::connect(&self.connection_string(database), tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Stops the server at once.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill9();
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Child processes that die with their handle.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// Why a server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum KitError {
+    /// A program is missing or failed to start.
+    #[error("cannot start {program}: {hint}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// What to do about it.
+        hint: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A setup command exited with an error.
+    #[error("{command} failed with {status}; output: {output}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed.
+        output: String,
+    },
+    /// A server did not become ready in time.
+    #[error("{what} not ready within {seconds}s; see {log}")]
+    NotReady {
+        /// The server.
+        what: String,
+        /// The deadline.
+        seconds: u64,
+        /// Its log file.
+        log: String,
+    },
+    /// File system trouble.
+    #[error("i/o error in the test kit")]
+    Io(#[from] std::io::Error),
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
+pub fn free_port() -> Result<u16, KitError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The repository root (where `Cargo.toml` of the workspace lives).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A running child process, killed with its whole process group on drop.
+#[derive(Debug)]
+pub struct ChildProcess {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ChildProcess {
+    /// Spawns `command` in its own process group, stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: &Path) -> Result<Self, KitError> {
+        let out = File::options().create(true).append(true).open(log)?;
+        let err = out.try_clone()?;
+        command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = command.spawn().map_err(|source| KitError::Spawn {
+            program: format!("{:?}", command.get_program()),
+            hint: "is it installed? run deploy/local/install-deps.sh".into(),
+            source,
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `kill -9` of the whole group, as a crash would; waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        self.signal_group("KILL");
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
+    pub async fn terminate(&mut self, within: std::time::Duration) -> bool {
+        let Some(pid) = self.pid() else { return false };
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                self.signal_group("KILL");
+                return status.success();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.kill9();
+        false
+    }
+
+    /// The last `lines` lines of the log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn signal_group(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), "--", &format!("-{pid}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            tracing::debug!(process = %self.name, "stopping");
+            self.kill9();
+        }
+    }
+}
+
+/// Runs a setup command to completion, failing with its output.
+pub(crate) fn run(mut command: Command) -> Result<(), KitError> {
+    let output = command.output().map_err(|source| KitError::Spawn {
+        program: format!("{:?}", command.get_program()),
+        hint: "is it installed? run deploy/local/install-deps.sh".into(),
+        source,
+    })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(KitError::Command {
+            command: format!("{command:?}"),
+            status: output.status,
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        })
+    }
+}
