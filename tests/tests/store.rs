@@ -1,0 +1,155 @@
+//! ferry-store against a real etcd: sessions, election fencing, CAS, resumable watches.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ferry_core::lifecycle::initial_status;
+use ferry_proto::v1::{CoordinatorLeader, PipeSpec, SealedSecrets};
+use ferry_store::watch::{PrefixWatch, WatchEvent};
+use ferry_store::{EtcdConfig, Leadership, Session, Store, StoreError};
+use ferry_testkit::etcd::Etcd;
+
+async fn store(etcd: &Etcd) -> Store {
+    Store::connect(&EtcdConfig {
+        endpoints: etcd.endpoints(),
+        prefix: "/ferry".into(),
+        request_timeout: Duration::from_secs(3),
+    })
+    .await
+    .unwrap()
+}
+
+fn me(id: &str) -> CoordinatorLeader {
+    CoordinatorLeader {
+        coordinator_id: id.into(),
+        address: "127.0.0.1:1".into(),
+        elected_at: None,
+    }
+}
+
+fn spec(name: &str) -> PipeSpec {
+    PipeSpec {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_write_fenced_by_a_lost_leadership_is_rejected() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let session_a = Session::start(&store, Duration::from_secs(5)).await.unwrap();
+    let a = Leadership::campaign(&store, &session_a, &me("a")).await.unwrap();
+    let fence_a = a.fence().clone();
+    let now = std::time::SystemTime::now();
+    let created = store
+        .create_pipe(&fence_a, &spec("p1"), &SealedSecrets::default(), &initial_status(now))
+        .await
+        .unwrap();
+
+    // B campaigns and waits while A leads.
+    let session_b = Session::start(&store, Duration::from_secs(5)).await.unwrap();
+    let campaign_b = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let b = Leadership::campaign(&store, &session_b, &me("b")).await.unwrap();
+            (b, session_b)
+        })
+    };
+    // A loses its lease (as when etcd stops hearing from it); B is elected.
+    session_a.revoke().await.unwrap();
+    let (b, _session_b) = tokio::time::timeout(Duration::from_secs(10), campaign_b)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // A, not knowing yet, tries to write with its old fence: refused, nothing changed.
+    let mut status = created.status.clone();
+    status.reason = "written by a deposed leader".into();
+    let err = store
+        .put_pipe_status(&fence_a, "p1", created.status_revision, &status)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced), "{err:?}");
+    let err = store
+        .create_pipe(&fence_a, &spec("p2"), &SealedSecrets::default(), &initial_status(now))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced), "{err:?}");
+    assert!(store.get_pipe("p2").await.unwrap().is_none());
+    let stored = store.get_pipe("p1").await.unwrap().unwrap();
+    assert_eq!(stored.status, created.status);
+
+    // The new leader writes; a stale compare-and-swap loses.
+    let revision = store
+        .put_pipe_status(b.fence(), "p1", created.status_revision, &status)
+        .await
+        .unwrap();
+    assert!(revision > created.status_revision);
+    let err = store
+        .put_pipe_status(b.fence(), "p1", created.status_revision, &status)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    let err = store
+        .create_pipe(b.fence(), &spec("p1"), &SealedSecrets::default(), &initial_status(now))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_session_reports_loss_before_its_lease_can_expire() {
+    let mut etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let ttl = Duration::from_secs(3);
+    let session = Session::start(&store, ttl).await.unwrap();
+    assert!(session.is_alive());
+    let renewed_before = tokio::time::Instant::now();
+    // etcd disappears: no renewal can succeed.
+    etcd.kill_member(0);
+    tokio::time::timeout(ttl * 2, session.lost())
+        .await
+        .expect("session must report loss");
+    // Loss is declared before the TTL since the last possible renewal ran out.
+    assert!(renewed_before.elapsed() < ttl + Duration::from_millis(500));
+    assert!(!session.is_alive());
+}
+
+#[tokio::test]
+async fn a_watch_resumes_after_etcd_restarts_without_losing_or_repeating_events() {
+    let mut etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let mut client = store.client();
+    let first = client.put("/ferry/pipes/w/a", "1", None).await.unwrap();
+    let start = first.header().unwrap().revision();
+    let mut watch = PrefixWatch::new(&store, "/ferry/pipes/".into(), start);
+    let events = watch.next().await.unwrap();
+    assert_eq!(events.len(), 1);
+
+    etcd.restart_member(0).await.unwrap();
+    let mut client = store.client();
+    // The client reconnects on its own; retry the write until etcd answers again.
+    let mut written = false;
+    for _ in 0..100 {
+        if client.put("/ferry/pipes/w/b", "2", None).await.is_ok() {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(written, "etcd did not come back");
+    client.delete("/ferry/pipes/w/a", None).await.unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let events = tokio::time::timeout(Duration::from_secs(15), watch.next())
+            .await
+            .expect("watch must resume")
+            .unwrap();
+        seen.extend(events);
+    }
+    assert!(matches!(&seen[0], WatchEvent::Put { key, .. } if key == b"/ferry/pipes/w/b"));
+    assert!(matches!(&seen[1], WatchEvent::Delete { key, .. } if key == b"/ferry/pipes/w/a"));
+}
