@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub use election::{Fence, Leadership};
 pub use error::StoreError;
+pub use etcd_client;
 pub use etcd_client::Client as EtcdClient;
 pub use keys::Keys;
 pub use pipes::PipeRecord;
