@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor = PathBuf::from(std::env::var("OUT_DIR")?).join("ferry_descriptor.bin");
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor)
-        .compile_protos(&files, &[proto_root.clone()])?;
+        .compile_protos(&files, std::slice::from_ref(&proto_root))?;
     println!("cargo:rerun-if-changed={}", proto_root.display());
     Ok(())
 }

@@ -16,6 +16,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 const TTL: u64 = 3;
+
+/// A change that makes a valid spec invalid.
+type Mutation = Box<dyn Fn(&mut PipeSpec)>;
 const READY: Duration = Duration::from_secs(20);
 
 fn spec(name: &str) -> PipeSpec {
@@ -77,7 +80,12 @@ async fn all_values(store: &Store) -> Vec<(String, Vec<u8>)> {
     response
         .kvs()
         .iter()
-        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            )
+        })
         .collect()
 }
 
@@ -86,7 +94,11 @@ fn etcd_options_prefix() -> ferry_store::etcd_client::GetOptions {
 }
 
 async fn channel(service: &Service) -> Channel {
-    tonic::transport::Endpoint::new(service.url()).unwrap().connect().await.unwrap()
+    tonic::transport::Endpoint::new(service.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 async fn start_coordinator(ferry: &Ferry, id: &str) -> Service {
@@ -114,10 +126,15 @@ async fn health_and_reflection_v1_and_v1alpha_on_every_service() {
             Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
         );
         // v1
-        let mut v1 = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel(service).await);
+        let mut v1 =
+            tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+                channel(service).await,
+            );
         let request = tonic_reflection::pb::v1::ServerReflectionRequest {
             message_request: Some(
-                tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(String::new()),
+                tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                ),
             ),
             ..Default::default()
         };
@@ -134,10 +151,15 @@ async fn health_and_reflection_v1_and_v1alpha_on_every_service() {
         };
         let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
         assert!(names.iter().any(|n| n == name), "{names:?}");
-        assert!(names.iter().any(|n| n == "grpc.health.v1.Health"), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{names:?}"
+        );
         // v1alpha (grpcurl 1.8.6 speaks only this)
         let mut alpha =
-            tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(channel(service).await);
+            tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
+                channel(service).await,
+            );
         let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
             message_request: Some(
                 tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
@@ -166,12 +188,21 @@ async fn a_killed_workers_registration_disappears_within_its_ttl() {
     let store = ferry.store().await.unwrap();
     let mut worker = ferry.worker(WorkerKind::Cdc, "w-kill").unwrap();
     worker.wait_serving(READY).await.unwrap();
-    assert!(store.worker_registered(WorkerKind::Cdc, "w-kill").await.unwrap());
+    assert!(
+        store
+            .worker_registered(WorkerKind::Cdc, "w-kill")
+            .await
+            .unwrap()
+    );
 
     worker.process().kill9();
     let killed = Instant::now();
     let gone = wait::until(Duration::from_secs(TTL * 3), || async {
-        (!store.worker_registered(WorkerKind::Cdc, "w-kill").await.unwrap()).then_some(())
+        (!store
+            .worker_registered(WorkerKind::Cdc, "w-kill")
+            .await
+            .unwrap())
+        .then_some(())
     })
     .await;
     assert!(gone.is_some(), "registration outlived the worker");
@@ -185,8 +216,16 @@ async fn a_killed_workers_registration_disappears_within_its_ttl() {
     // A clean shutdown revokes the lease: the registration goes at once.
     let mut worker = ferry.worker(WorkerKind::Snapshot, "w-term").unwrap();
     worker.wait_serving(READY).await.unwrap();
-    assert!(worker.process().terminate(Duration::from_secs(10)).await, "unclean exit");
-    assert!(!store.worker_registered(WorkerKind::Snapshot, "w-term").await.unwrap());
+    assert!(
+        worker.process().terminate(Duration::from_secs(10)).await,
+        "unclean exit"
+    );
+    assert!(
+        !store
+            .worker_registered(WorkerKind::Snapshot, "w-term")
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test]
@@ -197,13 +236,22 @@ async fn one_coordinator_leads_and_a_follower_takes_over_when_it_is_killed() {
     let mut a = start_coordinator(&ferry, "coord-a").await;
     let b = start_coordinator(&ferry, "coord-b").await;
     let leader = election::current_leader(&store).await.unwrap().unwrap();
-    assert_eq!(leader.coordinator_id, "coord-a", "the first candidate leads");
+    assert_eq!(
+        leader.coordinator_id, "coord-a",
+        "the first candidate leads"
+    );
 
     // Both replicas answer writes: the follower forwards to the leader.
     let mut via_follower = b.pipe_client().await.unwrap();
-    via_follower.create_pipe(create(spec("via_follower"))).await.unwrap();
+    via_follower
+        .create_pipe(create(spec("via_follower")))
+        .await
+        .unwrap();
     let mut via_leader = a.pipe_client().await.unwrap();
-    assert_eq!(state_of(&mut via_leader, "via_follower").await, Some(PipeState::Provisioning));
+    assert_eq!(
+        state_of(&mut via_leader, "via_follower").await,
+        Some(PipeState::Provisioning)
+    );
 
     // Kill the leader: b leads within the TTL plus an election round.
     a.process().kill9();
@@ -215,13 +263,21 @@ async fn one_coordinator_leads_and_a_follower_takes_over_when_it_is_killed() {
     .await;
     assert!(took_over.is_some(), "coord-b never took over");
     let failover = killed.elapsed();
-    assert!(failover <= Duration::from_secs(TTL + 2), "failover took {failover:?}");
+    assert!(
+        failover <= Duration::from_secs(TTL + 2),
+        "failover took {failover:?}"
+    );
 
     // And it acts: a new pipe is accepted and provisioned once workers exist.
     let mut client = b.pipe_client().await.unwrap();
     let created = wait::until(READY, || {
         let mut client = client.clone();
-        async move { client.create_pipe(create(spec("after_failover"))).await.ok() }
+        async move {
+            client
+                .create_pipe(create(spec("after_failover")))
+                .await
+                .ok()
+        }
     })
     .await;
     assert!(created.is_some());
@@ -240,52 +296,178 @@ async fn invalid_create_requests_are_refused_naming_the_field_and_write_nothing(
     let mut client = coordinator.pipe_client().await.unwrap();
     client.create_pipe(create(spec("taken"))).await.unwrap();
     let before = all_values(&store).await;
-    let pipes_before: Vec<_> = before.iter().filter(|(k, _)| k.starts_with("/ferry/pipes/")).collect();
+    let pipes_before: Vec<_> = before
+        .iter()
+        .filter(|(k, _)| k.starts_with("/ferry/pipes/"))
+        .collect();
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut PipeSpec)>, Code, &str)> = vec![
-        ("empty name", Box::new(|s| s.name.clear()), Code::InvalidArgument, "spec.name"),
-        ("bad name", Box::new(|s| s.name = "Bad-Name".into()), Code::InvalidArgument, "spec.name"),
-        ("no source", Box::new(|s| s.source = None), Code::InvalidArgument, "spec.source"),
-        ("empty host", Box::new(|s| s.source.as_mut().unwrap().host.clear()), Code::InvalidArgument, "spec.source.host"),
-        ("url as host", Box::new(|s| s.source.as_mut().unwrap().host = "postgres://db".into()), Code::InvalidArgument, "spec.source.host"),
-        ("port", Box::new(|s| s.source.as_mut().unwrap().port = 99_999), Code::InvalidArgument, "spec.source.port"),
-        ("no database", Box::new(|s| s.source.as_mut().unwrap().database.clear()), Code::InvalidArgument, "spec.source.database"),
-        ("no user", Box::new(|s| s.source.as_mut().unwrap().user.clear()), Code::InvalidArgument, "spec.source.user"),
-        ("bad url", Box::new(|s| s.destination.as_mut().unwrap().url = "clickhouse:8123".into()), Code::InvalidArgument, "spec.destination.url"),
-        ("url with password", Box::new(|s| s.destination.as_mut().unwrap().url = "http://u:pw@ch:8123".into()), Code::InvalidArgument, "spec.destination.url"),
-        ("no tables", Box::new(|s| s.tables.clear()), Code::InvalidArgument, "spec.tables"),
-        ("zero batch", Box::new(|s| s.settings = Some(PipeSettings { pull_batch_size: Some(0), ..Default::default() })), Code::InvalidArgument, "spec.settings.pull_batch_size"),
-        ("negative batch", Box::new(|s| s.settings = Some(PipeSettings { pull_batch_size: Some(-5), ..Default::default() })), Code::InvalidArgument, "spec.settings.pull_batch_size"),
-        ("negative partitions", Box::new(|s| s.settings = Some(PipeSettings { snapshot_parallel_partitions: Some(-1), ..Default::default() })), Code::InvalidArgument, "spec.settings.snapshot_parallel_partitions"),
-        ("unknown mode", Box::new(|s| s.mode = 17), Code::InvalidArgument, "spec.mode"),
-        ("duplicate name", Box::new(|s| s.name = "taken".into()), Code::AlreadyExists, "spec.name"),
+    let cases: Vec<(&str, Mutation, Code, &str)> = vec![
+        (
+            "empty name",
+            Box::new(|s| s.name.clear()),
+            Code::InvalidArgument,
+            "spec.name",
+        ),
+        (
+            "bad name",
+            Box::new(|s| s.name = "Bad-Name".into()),
+            Code::InvalidArgument,
+            "spec.name",
+        ),
+        (
+            "no source",
+            Box::new(|s| s.source = None),
+            Code::InvalidArgument,
+            "spec.source",
+        ),
+        (
+            "empty host",
+            Box::new(|s| s.source.as_mut().unwrap().host.clear()),
+            Code::InvalidArgument,
+            "spec.source.host",
+        ),
+        (
+            "url as host",
+            Box::new(|s| s.source.as_mut().unwrap().host = "postgres://db".into()),
+            Code::InvalidArgument,
+            "spec.source.host",
+        ),
+        (
+            "port",
+            Box::new(|s| s.source.as_mut().unwrap().port = 99_999),
+            Code::InvalidArgument,
+            "spec.source.port",
+        ),
+        (
+            "no database",
+            Box::new(|s| s.source.as_mut().unwrap().database.clear()),
+            Code::InvalidArgument,
+            "spec.source.database",
+        ),
+        (
+            "no user",
+            Box::new(|s| s.source.as_mut().unwrap().user.clear()),
+            Code::InvalidArgument,
+            "spec.source.user",
+        ),
+        (
+            "bad url",
+            Box::new(|s| s.destination.as_mut().unwrap().url = "clickhouse:8123".into()),
+            Code::InvalidArgument,
+            "spec.destination.url",
+        ),
+        (
+            "url with password",
+            Box::new(|s| s.destination.as_mut().unwrap().url = "http://u:pw@ch:8123".into()),
+            Code::InvalidArgument,
+            "spec.destination.url",
+        ),
+        (
+            "no tables",
+            Box::new(|s| s.tables.clear()),
+            Code::InvalidArgument,
+            "spec.tables",
+        ),
+        (
+            "zero batch",
+            Box::new(|s| {
+                s.settings = Some(PipeSettings {
+                    pull_batch_size: Some(0),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "spec.settings.pull_batch_size",
+        ),
+        (
+            "negative batch",
+            Box::new(|s| {
+                s.settings = Some(PipeSettings {
+                    pull_batch_size: Some(-5),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "spec.settings.pull_batch_size",
+        ),
+        (
+            "negative partitions",
+            Box::new(|s| {
+                s.settings = Some(PipeSettings {
+                    snapshot_parallel_partitions: Some(-1),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "spec.settings.snapshot_parallel_partitions",
+        ),
+        (
+            "unknown mode",
+            Box::new(|s| s.mode = 17),
+            Code::InvalidArgument,
+            "spec.mode",
+        ),
+        (
+            "duplicate name",
+            Box::new(|s| s.name = "taken".into()),
+            Code::AlreadyExists,
+            "spec.name",
+        ),
     ];
     for (what, mutate, code, field) in cases {
         let mut bad = spec("fresh");
         mutate(&mut bad);
         let status = client.create_pipe(create(bad)).await.unwrap_err();
         assert_eq!(status.code(), code, "{what}: {}", status.message());
-        assert!(status.message().contains(field), "{what}: message {:?} lacks {field}", status.message());
+        assert!(
+            status.message().contains(field),
+            "{what}: message {:?} lacks {field}",
+            status.message()
+        );
     }
     let status = client
-        .create_pipe(CreatePipeRequest { spec: None, secrets: None })
+        .create_pipe(CreatePipeRequest {
+            spec: None,
+            secrets: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 
     let after = all_values(&store).await;
-    let pipes_after: Vec<_> = after.iter().filter(|(k, _)| k.starts_with("/ferry/pipes/")).collect();
+    let pipes_after: Vec<_> = after
+        .iter()
+        .filter(|(k, _)| k.starts_with("/ferry/pipes/"))
+        .collect();
     assert_eq!(pipes_before, pipes_after, "a refused request wrote to etcd");
 
     // Other RPCs: unknown pipes and illegal transitions.
-    let status = client.get_pipe(GetPipeRequest { name: "nope".into() }).await.unwrap_err();
+    let status = client
+        .get_pipe(GetPipeRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let status = client.pause_pipe(PausePipeRequest { name: "taken".into() }).await.unwrap_err();
-    assert_eq!(status.code(), Code::FailedPrecondition, "{}", status.message());
+    let status = client
+        .pause_pipe(PausePipeRequest {
+            name: "taken".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
     let status = client
         .update_pipe_settings(UpdatePipeSettingsRequest {
             name: "taken".into(),
-            settings: Some(PipeSettings { pull_batch_size: Some(0), ..Default::default() }),
+            settings: Some(PipeSettings {
+                pull_batch_size: Some(0),
+                ..Default::default()
+            }),
         })
         .await
         .unwrap_err();
@@ -303,28 +485,45 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
     let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
 
     // A snapshot+CDC pipe needs both pools: it waits in Provisioning without a CDC worker.
-    let created = client.create_pipe(create(spec("orders"))).await.unwrap().into_inner();
+    let created = client
+        .create_pipe(create(spec("orders")))
+        .await
+        .unwrap()
+        .into_inner();
     let created = created.pipe.unwrap();
-    assert_eq!(created.status.as_ref().unwrap().state(), PipeState::Provisioning);
+    assert_eq!(
+        created.status.as_ref().unwrap().state(),
+        PipeState::Provisioning
+    );
     let mut watch = client
-        .watch_pipe(WatchPipeRequest { name: "orders".into() })
+        .watch_pipe(WatchPipeRequest {
+            name: "orders".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
-    assert_eq!(first.pipe.unwrap().status.unwrap().state(), PipeState::Provisioning);
+    assert_eq!(
+        first.pipe.unwrap().status.unwrap().state(),
+        PipeState::Provisioning
+    );
 
     // The coordinator dies before any worker can take the pipe, and comes back.
     coordinator.process().kill9();
     let mut coordinator = start_coordinator(&ferry, "c1-restarted").await;
     let mut client = coordinator.pipe_client().await.unwrap();
-    assert_eq!(state_of(&mut client, "orders").await, Some(PipeState::Provisioning));
+    assert_eq!(
+        state_of(&mut client, "orders").await,
+        Some(PipeState::Provisioning)
+    );
 
     // A CDC worker registers: the restarted coordinator reconciles the pipe to Setup.
     let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
     wait_state(&mut client, "orders", PipeState::Setup).await;
     let pipe = client
-        .get_pipe(GetPipeRequest { name: "orders".into() })
+        .get_pipe(GetPipeRequest {
+            name: "orders".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -338,12 +537,23 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
 
     // A watcher on another replica sees the transitions too (here: a fresh watch).
     let mut watch = client
-        .watch_pipe(WatchPipeRequest { name: "orders".into() })
+        .watch_pipe(WatchPipeRequest {
+            name: "orders".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(
-        watch.message().await.unwrap().unwrap().pipe.unwrap().status.unwrap().state(),
+        watch
+            .message()
+            .await
+            .unwrap()
+            .unwrap()
+            .pipe
+            .unwrap()
+            .status
+            .unwrap()
+            .state(),
         PipeState::Setup
     );
 
@@ -359,7 +569,10 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
     ] {
         assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
     }
-    assert!(keys.iter().any(|k| k.starts_with("/ferry/election/coordinator/")));
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("/ferry/election/coordinator/"))
+    );
     for (key, value) in &values {
         let text = String::from_utf8_lossy(value);
         assert!(!text.contains("s3cret"), "plaintext secret under {key}");
@@ -369,12 +582,19 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
 
     // ListPipes filters by state; DeletePipe removes a pipe that never replicated.
     let listed = client
-        .list_pipes(ListPipesRequest { states: vec![PipeState::Setup.into()] })
+        .list_pipes(ListPipesRequest {
+            states: vec![PipeState::Setup.into()],
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(listed.pipes.len(), 1);
-    client.delete_pipe(DeletePipeRequest { name: "orders".into() }).await.unwrap();
+    client
+        .delete_pipe(DeletePipeRequest {
+            name: "orders".into(),
+        })
+        .await
+        .unwrap();
     let mut deleted = false;
     while let Some(update) = watch.message().await.unwrap() {
         if update.deleted {
@@ -383,7 +603,17 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
         }
     }
     assert!(deleted, "the watch must end with the deletion");
-    let gone = client.get_pipe(GetPipeRequest { name: "orders".into() }).await.unwrap_err();
+    let gone = client
+        .get_pipe(GetPipeRequest {
+            name: "orders".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
-    assert!(!all_values(&store).await.iter().any(|(k, _)| k.starts_with("/ferry/pipes/orders/")));
+    assert!(
+        !all_values(&store)
+            .await
+            .iter()
+            .any(|(k, _)| k.starts_with("/ferry/pipes/orders/"))
+    );
 }

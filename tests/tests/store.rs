@@ -39,21 +39,34 @@ fn spec(name: &str) -> PipeSpec {
 async fn a_write_fenced_by_a_lost_leadership_is_rejected() {
     let etcd = Etcd::start().await.unwrap();
     let store = store(&etcd).await;
-    let session_a = Session::start(&store, Duration::from_secs(5)).await.unwrap();
-    let a = Leadership::campaign(&store, &session_a, &me("a")).await.unwrap();
+    let session_a = Session::start(&store, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let a = Leadership::campaign(&store, &session_a, &me("a"))
+        .await
+        .unwrap();
     let fence_a = a.fence().clone();
     let now = std::time::SystemTime::now();
     let created = store
-        .create_pipe(&fence_a, &spec("p1"), &SealedSecrets::default(), &initial_status(now))
+        .create_pipe(
+            &fence_a,
+            &spec("p1"),
+            &SealedSecrets::default(),
+            &initial_status(now),
+        )
         .await
         .unwrap();
 
     // B campaigns and waits while A leads.
-    let session_b = Session::start(&store, Duration::from_secs(5)).await.unwrap();
+    let session_b = Session::start(&store, Duration::from_secs(5))
+        .await
+        .unwrap();
     let campaign_b = {
         let store = store.clone();
         tokio::spawn(async move {
-            let b = Leadership::campaign(&store, &session_b, &me("b")).await.unwrap();
+            let b = Leadership::campaign(&store, &session_b, &me("b"))
+                .await
+                .unwrap();
             (b, session_b)
         })
     };
@@ -73,7 +86,12 @@ async fn a_write_fenced_by_a_lost_leadership_is_rejected() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Fenced), "{err:?}");
     let err = store
-        .create_pipe(&fence_a, &spec("p2"), &SealedSecrets::default(), &initial_status(now))
+        .create_pipe(
+            &fence_a,
+            &spec("p2"),
+            &SealedSecrets::default(),
+            &initial_status(now),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Fenced), "{err:?}");
@@ -93,7 +111,12 @@ async fn a_write_fenced_by_a_lost_leadership_is_rejected() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
     let err = store
-        .create_pipe(b.fence(), &spec("p1"), &SealedSecrets::default(), &initial_status(now))
+        .create_pipe(
+            b.fence(),
+            &spec("p1"),
+            &SealedSecrets::default(),
+            &initial_status(now),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");

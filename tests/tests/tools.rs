@@ -68,7 +68,11 @@ async fn grpcurl_lists_checks_health_and_creates_a_pipe() {
     ]);
     let out = run(create).await;
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("PIPE_STATE_PROVISIONING"), "{}", text(&out));
+    assert!(
+        text(&out).contains("PIPE_STATE_PROVISIONING"),
+        "{}",
+        text(&out)
+    );
 
     // A bad request shows the field and the code.
     let mut bad = Command::new(grpcurl());
@@ -89,7 +93,9 @@ async fn grpcurl_lists_checks_health_and_creates_a_pipe() {
         let mut client = client.clone();
         async move {
             let pipe = client
-                .get_pipe(GetPipeRequest { name: "from_grpcurl".into() })
+                .get_pipe(GetPipeRequest {
+                    name: "from_grpcurl".into(),
+                })
                 .await
                 .ok()?
                 .into_inner()
@@ -111,7 +117,10 @@ async fn the_cli_creates_watches_lists_and_deletes_a_pipe() {
     let etcd = Etcd::start().await.unwrap();
     let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
     let coordinator = ferry.coordinator("c1").unwrap();
-    coordinator.wait_serving(Duration::from_secs(20)).await.unwrap();
+    coordinator
+        .wait_serving(Duration::from_secs(20))
+        .await
+        .unwrap();
     let cli = |args: &[&str]| {
         let mut command = Command::new(bin_dir().join("ferry"));
         command
@@ -121,9 +130,22 @@ async fn the_cli_creates_watches_lists_and_deletes_a_pipe() {
         command
     };
     let out = run(cli(&[
-        "create", "from_cli", "--table", "public.orders,sales.items", "--mode", "cdc-only",
-        "--source-host", "127.0.0.1", "--source-database", "shop", "--source-user", "u",
-        "--clickhouse-url", "http://127.0.0.1:8123", "--pull-batch-size", "5000",
+        "create",
+        "from_cli",
+        "--table",
+        "public.orders,sales.items",
+        "--mode",
+        "cdc-only",
+        "--source-host",
+        "127.0.0.1",
+        "--source-database",
+        "shop",
+        "--source-user",
+        "u",
+        "--clickhouse-url",
+        "http://127.0.0.1:8123",
+        "--pull-batch-size",
+        "5000",
     ]))
     .await;
     assert!(out.status.success(), "{}", text(&out));
@@ -147,7 +169,10 @@ async fn the_cli_creates_watches_lists_and_deletes_a_pipe() {
         all.extend(lines.map_while(Result::ok));
         all.join("\n")
     });
-    let first = tokio::time::timeout(Duration::from_secs(20), first_rx).await.unwrap().unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(20), first_rx)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(first.contains("provisioning"), "{first}");
     // Only now a CDC worker joins, and the watcher sees the pipe move on.
     let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
@@ -156,7 +181,9 @@ async fn the_cli_creates_watches_lists_and_deletes_a_pipe() {
         let mut client = client.clone();
         async move {
             let pipe = client
-                .get_pipe(GetPipeRequest { name: "from_cli".into() })
+                .get_pipe(GetPipeRequest {
+                    name: "from_cli".into(),
+                })
                 .await
                 .ok()?
                 .into_inner()
@@ -171,13 +198,25 @@ async fn the_cli_creates_watches_lists_and_deletes_a_pipe() {
     assert!(text(&out).contains("from_cli"), "{}", text(&out));
     let out = run(cli(&["settings", "from_cli", "--pull-batch-size", "0"])).await;
     assert!(!out.status.success());
-    assert!(text(&out).contains("settings.pull_batch_size"), "{}", text(&out));
+    assert!(
+        text(&out).contains("settings.pull_batch_size"),
+        "{}",
+        text(&out)
+    );
     let out = run(cli(&["delete", "from_cli"])).await;
     assert!(out.status.success(), "{}", text(&out));
 
     // The watch ends by itself once the pipe is gone, having printed both states.
-    let printed = tokio::time::timeout(Duration::from_secs(20), reader).await.unwrap().unwrap();
-    assert!(tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap().success());
+    let printed = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap()
+            .success()
+    );
     assert!(printed.contains("setup"), "{printed}");
     assert!(printed.contains("deleted"), "{printed}");
     let out = run(cli(&["get", "from_cli"])).await;

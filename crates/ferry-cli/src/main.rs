@@ -15,7 +15,12 @@ use tonic::transport::Channel;
 #[command(version, about)]
 struct Cli {
     /// Coordinator address.
-    #[arg(long, env = "FERRY_ADDR", default_value = "http://127.0.0.1:7400", global = true)]
+    #[arg(
+        long,
+        env = "FERRY_ADDR",
+        default_value = "http://127.0.0.1:7400",
+        global = true
+    )]
     addr: String,
     #[command(subcommand)]
     command: Command,
@@ -118,7 +123,9 @@ struct SettingsArgs {
 impl SettingsArgs {
     fn to_proto(&self) -> PipeSettings {
         PipeSettings {
-            sync_interval: self.sync_interval.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+            sync_interval: self
+                .sync_interval
+                .map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
             pull_batch_size: self.pull_batch_size,
             snapshot_rows_per_partition: self.rows_per_partition,
             snapshot_parallel_partitions: self.parallel_partitions,
@@ -177,11 +184,19 @@ fn table_mapping(table: &str) -> TableMapping {
 }
 
 fn qualified(table: &str) -> String {
-    if table.contains('.') { table.to_owned() } else { format!("public.{table}") }
+    if table.contains('.') {
+        table.to_owned()
+    } else {
+        format!("public.{table}")
+    }
 }
 
 async fn connect(addr: &str) -> anyhow::Result<PipeServiceClient<Channel>> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
     let channel = Channel::from_shared(uri.clone())
         .with_context(|| format!("bad coordinator address {addr}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -234,10 +249,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let secrets = PipeSecrets {
                 source_password: std::env::var("FERRY_SOURCE_PASSWORD").unwrap_or_default(),
-                destination_password: std::env::var("FERRY_CLICKHOUSE_PASSWORD").unwrap_or_default(),
+                destination_password: std::env::var("FERRY_CLICKHOUSE_PASSWORD")
+                    .unwrap_or_default(),
             };
             let response = client
-                .create_pipe(CreatePipeRequest { spec: Some(spec), secrets: Some(secrets) })
+                .create_pipe(CreatePipeRequest {
+                    spec: Some(spec),
+                    secrets: Some(secrets),
+                })
                 .await?;
             render::pipe(response.get_ref().pipe.as_ref());
         }
@@ -251,7 +270,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             render::pipe(response.get_ref().pipe.as_ref());
         }
         Command::Watch { name } => {
-            let mut stream = client.watch_pipe(WatchPipeRequest { name }).await?.into_inner();
+            let mut stream = client
+                .watch_pipe(WatchPipeRequest { name })
+                .await?
+                .into_inner();
             while let Some(update) = stream.message().await? {
                 render::change(&update);
                 if update.deleted {
@@ -278,12 +300,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::RemoveTables { name, tables } => {
             let source_tables = tables.iter().map(|t| qualified(t)).collect();
-            let r = client.remove_tables(RemoveTablesRequest { name, source_tables }).await?;
+            let r = client
+                .remove_tables(RemoveTablesRequest {
+                    name,
+                    source_tables,
+                })
+                .await?;
             render::pipe(r.get_ref().pipe.as_ref());
         }
         Command::Settings { name, settings } => {
             let r = client
-                .update_pipe_settings(UpdatePipeSettingsRequest { name, settings: Some(settings.to_proto()) })
+                .update_pipe_settings(UpdatePipeSettingsRequest {
+                    name,
+                    settings: Some(settings.to_proto()),
+                })
                 .await?;
             render::pipe(r.get_ref().pipe.as_ref());
         }

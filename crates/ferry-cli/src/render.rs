@@ -8,7 +8,11 @@ fn when(ts: Option<&prost_types::Timestamp>) -> String {
 }
 
 fn state(pipe: &Pipe) -> &'static str {
-    state_name(pipe.status.as_ref().map_or(PipeState::Unspecified, |s| s.state()))
+    state_name(
+        pipe.status
+            .as_ref()
+            .map_or(PipeState::Unspecified, |s| s.state()),
+    )
 }
 
 /// One pipe, in full.
@@ -20,19 +24,33 @@ pub fn pipe(pipe: Option<&Pipe>) {
     println!("state     {}  ({})", state(pipe), status.reason);
     println!("mode      {}", spec.mode().as_str_name());
     if let Some(source) = &spec.source {
-        println!("source    postgres://{}@{}:{}/{}", source.user, source.host, source.port, source.database);
+        println!(
+            "source    postgres://{}@{}:{}/{}",
+            source.user, source.host, source.port, source.database
+        );
     }
     if let Some(dest) = &spec.destination {
-        println!("dest      {} database {} (user {})", dest.url, dest.database, dest.user);
+        println!(
+            "dest      {} database {} (user {})",
+            dest.url, dest.database, dest.user
+        );
     }
     for table in &spec.tables {
         let progress = status
             .tables
             .iter()
             .find(|t| t.source_table == format!("{}.{}", table.source_schema, table.source_table))
-            .map(|t| format!("  {}/{} rows, {}/{} partitions", t.rows_copied, t.rows_estimated, t.partitions_done, t.partitions_total))
+            .map(|t| {
+                format!(
+                    "  {}/{} rows, {}/{} partitions",
+                    t.rows_copied, t.rows_estimated, t.partitions_done, t.partitions_total
+                )
+            })
             .unwrap_or_default();
-        println!("table     {}.{} -> {}{progress}", table.source_schema, table.source_table, table.destination_table);
+        println!(
+            "table     {}.{} -> {}{progress}",
+            table.source_schema, table.source_table, table.destination_table
+        );
     }
     if let Some(settings) = &spec.settings {
         println!(
@@ -54,7 +72,10 @@ pub fn pipe(pipe: Option<&Pipe>) {
 
 /// Pipes as a table.
 pub fn list(pipes: &[Pipe]) {
-    println!("{:<24} {:<14} {:<28} {:>6}  REASON", "NAME", "STATE", "MODE", "TABLES");
+    println!(
+        "{:<24} {:<14} {:<28} {:>6}  REASON",
+        "NAME", "STATE", "MODE", "TABLES"
+    );
     for pipe in pipes {
         let spec = pipe.spec.clone().unwrap_or_default();
         let reason = pipe.status.as_ref().map_or("", |s| s.reason.as_str());
@@ -76,5 +97,10 @@ pub fn change(update: &WatchPipeResponse) {
         println!("{}  deleted", when(status.state_changed_at.as_ref()));
         return;
     }
-    println!("{}  {:<12} {}", when(status.state_changed_at.as_ref()), state(pipe), status.reason);
+    println!(
+        "{}  {:<12} {}",
+        when(status.state_changed_at.as_ref()),
+        state(pipe),
+        status.reason
+    );
 }

@@ -12,13 +12,18 @@ use ferry_proto::v1::WorkerRegistration;
 use ferry_server::shutdown::Shutdown;
 use ferry_store::watch::PrefixWatch;
 use ferry_store::{Fence, PipeRecord, Store, StoreError};
-use tracing::{debug, info, info_span, warn, Instrument as _};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::errors::error_chain;
 use crate::leadership::LeaderFence;
 
 /// Runs reconciliation whenever this replica leads, until shutdown.
-pub async fn run(store: Store, mut fence: LeaderFence, resync_interval: Duration, shutdown: Shutdown) {
+pub async fn run(
+    store: Store,
+    mut fence: LeaderFence,
+    resync_interval: Duration,
+    shutdown: Shutdown,
+) {
     loop {
         let current = fence.borrow_and_update().clone();
         match current {
@@ -84,12 +89,19 @@ async fn reconcile_all(store: &Store, fence: &Fence) -> Result<i64, StoreError> 
     let workers = Workers::read(store).await?;
     for (name, record) in &listing.pipes {
         let span = info_span!("reconcile", pipe = %name);
-        match reconcile_pipe(store, fence, record, &workers).instrument(span).await {
+        match reconcile_pipe(store, fence, record, &workers)
+            .instrument(span)
+            .await
+        {
             Ok(()) => {}
             Err(StoreError::Fenced) => return Err(StoreError::Fenced),
             // Someone else moved the pipe since the listing; the watch brings us back.
-            Err(StoreError::Conflict { .. }) => debug!(pipe = %name, "pipe changed during reconcile"),
-            Err(error) => warn!(pipe = %name, error = %error_chain(&error), "cannot reconcile pipe"),
+            Err(StoreError::Conflict { .. }) => {
+                debug!(pipe = %name, "pipe changed during reconcile")
+            }
+            Err(error) => {
+                warn!(pipe = %name, error = %error_chain(&error), "cannot reconcile pipe")
+            }
         }
     }
     Ok(listing.revision)
@@ -144,8 +156,16 @@ async fn reconcile_pipe(
             let available: Vec<String> = needed_kinds(mode)
                 .into_iter()
                 .map(|kind| {
-                    let ids: Vec<&str> = workers.of(kind).iter().map(|w| w.worker_id.as_str()).collect();
-                    format!("{} worker(s) {}", ferry_store::keys::kind_segment(kind), ids.join(", "))
+                    let ids: Vec<&str> = workers
+                        .of(kind)
+                        .iter()
+                        .map(|w| w.worker_id.as_str())
+                        .collect();
+                    format!(
+                        "{} worker(s) {}",
+                        ferry_store::keys::kind_segment(kind),
+                        ids.join(", ")
+                    )
                 })
                 .collect();
             let reason = format!("workers available: {}", available.join("; "));
@@ -153,12 +173,17 @@ async fn reconcile_pipe(
         }
         PipeState::Deleting if !has_started_replicating(record.status.previous_state()) => {
             // Nothing exists outside etcd yet: removing the keys is the whole cleanup.
-            store.delete_pipe(fence, name, record.status_revision).await?;
+            store
+                .delete_pipe(fence, name, record.status_revision)
+                .await?;
             info!(pipe = %name, "pipe deleted");
             Ok(())
         }
         state => {
-            debug!(state = lifecycle::state_name(state), "no coordinator step for this state yet");
+            debug!(
+                state = lifecycle::state_name(state),
+                "no coordinator step for this state yet"
+            );
             Ok(())
         }
     }

@@ -87,8 +87,18 @@ pub fn next_state(
         (S::Pausing, E::PauseDone) => S::Paused,
         (S::Paused, E::ResumeRequested) => S::Running,
         (S::Running | S::Paused, E::ModifyRequested) if streams(mode) => S::Modifying,
-        (S::Modifying, E::ModifyDone { needs_snapshot: true }) => S::Snapshot,
-        (S::Modifying, E::ModifyDone { needs_snapshot: false }) => S::Running,
+        (
+            S::Modifying,
+            E::ModifyDone {
+                needs_snapshot: true,
+            },
+        ) => S::Snapshot,
+        (
+            S::Modifying,
+            E::ModifyDone {
+                needs_snapshot: false,
+            },
+        ) => S::Running,
         (S::Running | S::Paused | S::Failed | S::Completed, E::ResyncRequested) => S::Resync,
         (S::Resync, E::ResyncDone) if streams(mode) => S::Running,
         (S::Resync, E::ResyncDone) => S::Completed,
@@ -231,16 +241,50 @@ mod tests {
             (Some(M::SnapshotAndCdc), S::Setup, E::SetupDone, S::Snapshot),
             (Some(M::SnapshotOnly), S::Setup, E::SetupDone, S::Snapshot),
             (Some(M::CdcOnly), S::Setup, E::SetupDone, S::Running),
-            (Some(M::SnapshotAndCdc), S::Snapshot, E::SnapshotDone, S::Running),
+            (
+                Some(M::SnapshotAndCdc),
+                S::Snapshot,
+                E::SnapshotDone,
+                S::Running,
+            ),
             (Some(M::CdcOnly), S::Snapshot, E::SnapshotDone, S::Running),
-            (Some(M::SnapshotOnly), S::Snapshot, E::SnapshotDone, S::Completed),
+            (
+                Some(M::SnapshotOnly),
+                S::Snapshot,
+                E::SnapshotDone,
+                S::Completed,
+            ),
             (None, S::Pausing, E::PauseDone, S::Paused),
             (None, S::Paused, E::ResumeRequested, S::Running),
-            (None, S::Modifying, E::ModifyDone { needs_snapshot: true }, S::Snapshot),
-            (None, S::Modifying, E::ModifyDone { needs_snapshot: false }, S::Running),
-            (Some(M::SnapshotAndCdc), S::Resync, E::ResyncDone, S::Running),
+            (
+                None,
+                S::Modifying,
+                E::ModifyDone {
+                    needs_snapshot: true,
+                },
+                S::Snapshot,
+            ),
+            (
+                None,
+                S::Modifying,
+                E::ModifyDone {
+                    needs_snapshot: false,
+                },
+                S::Running,
+            ),
+            (
+                Some(M::SnapshotAndCdc),
+                S::Resync,
+                E::ResyncDone,
+                S::Running,
+            ),
             (Some(M::CdcOnly), S::Resync, E::ResyncDone, S::Running),
-            (Some(M::SnapshotOnly), S::Resync, E::ResyncDone, S::Completed),
+            (
+                Some(M::SnapshotOnly),
+                S::Resync,
+                E::ResyncDone,
+                S::Completed,
+            ),
         ];
         for mode in [M::SnapshotAndCdc, M::CdcOnly] {
             table.push((Some(mode), S::Running, E::PauseRequested, S::Pausing));
@@ -270,7 +314,9 @@ mod tests {
                 for event in EVENTS {
                     let expected = table
                         .iter()
-                        .find(|(m, f, e, _)| m.is_none_or(|m| m == mode) && *f == from && *e == event)
+                        .find(|(m, f, e, _)| {
+                            m.is_none_or(|m| m == mode) && *f == from && *e == event
+                        })
                         .map(|(_, _, _, to)| *to);
                     let got = next_state(from, mode, event).ok();
                     assert_eq!(got, expected, "{mode:?}: {from:?} on {event:?}");
@@ -279,7 +325,10 @@ mod tests {
             }
         }
         // Every row of the table was reached exactly once (no row shadowed by another).
-        let rows: usize = table.iter().map(|(m, ..)| if m.is_some() { 1 } else { MODES.len() }).sum();
+        let rows: usize = table
+            .iter()
+            .map(|(m, ..)| if m.is_some() { 1 } else { MODES.len() })
+            .sum();
         assert_eq!(accepted, rows);
     }
 
@@ -297,8 +346,15 @@ mod tests {
         let created = initial_status(t0);
         assert_eq!(created.state(), S::Provisioning);
         let t1 = t0 + std::time::Duration::from_secs(5);
-        let setup = apply(&created, PipeMode::CdcOnly, E::WorkersReady, "workers up", None, t1)
-            .unwrap();
+        let setup = apply(
+            &created,
+            PipeMode::CdcOnly,
+            E::WorkersReady,
+            "workers up",
+            None,
+            t1,
+        )
+        .unwrap();
         assert_eq!(setup.state(), S::Setup);
         assert_eq!(setup.previous_state(), S::Provisioning);
         assert_eq!(setup.reason, "workers up");
@@ -309,11 +365,25 @@ mod tests {
             remedy: "r".into(),
             ..Default::default()
         };
-        let failed = apply(&setup, PipeMode::CdcOnly, E::Failed, "boom", Some(error.clone()), t1)
-            .unwrap();
+        let failed = apply(
+            &setup,
+            PipeMode::CdcOnly,
+            E::Failed,
+            "boom",
+            Some(error.clone()),
+            t1,
+        )
+        .unwrap();
         assert_eq!(failed.error, Some(error));
-        let deleting =
-            apply(&failed, PipeMode::CdcOnly, E::DeleteRequested, "bye", None, t1).unwrap();
+        let deleting = apply(
+            &failed,
+            PipeMode::CdcOnly,
+            E::DeleteRequested,
+            "bye",
+            None,
+            t1,
+        )
+        .unwrap();
         assert_eq!(deleting.error, None);
         assert!(apply(&deleting, PipeMode::CdcOnly, E::WorkersReady, "", None, t1).is_err());
     }

@@ -44,7 +44,9 @@ pub fn check_identifier(value: &str) -> Result<(), String> {
         return Err(format!("must not contain '.', got {value:?}"));
     }
     if value.chars().any(char::is_control) {
-        return Err(format!("must not contain control characters, got {value:?}"));
+        return Err(format!(
+            "must not contain control characters, got {value:?}"
+        ));
     }
     Ok(())
 }

@@ -159,7 +159,10 @@ mod tests {
         let b = SecretKey::from_base64(&SecretKey::generate_base64()).unwrap();
         assert_ne!(a.id(), b.id());
         let sealed = a.seal("p", &secrets()).unwrap();
-        assert!(matches!(b.open("p", &sealed), Err(SecretError::WrongKey { .. })));
+        assert!(matches!(
+            b.open("p", &sealed),
+            Err(SecretError::WrongKey { .. })
+        ));
     }
 
     #[test]

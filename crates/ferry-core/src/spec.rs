@@ -115,7 +115,12 @@ pub fn normalize_new_pipe(mut spec: PipeSpec) -> Result<PipeSpec, InvalidSpec> {
         ),
     }
     let settings = spec.settings.take().unwrap_or_default();
-    spec.settings = Some(merge_settings(&defaults(), &settings, "spec.settings", &mut v));
+    spec.settings = Some(merge_settings(
+        &defaults(),
+        &settings,
+        "spec.settings",
+        &mut v,
+    ));
     v.finish(spec)
 }
 
@@ -475,12 +480,19 @@ mod tests {
             fields(err.clone()),
             ["spec.source", "spec.destination", "spec.tables"]
         );
-        assert!(err.to_string().contains("spec.tables: must list at least one table"));
+        assert!(
+            err.to_string()
+                .contains("spec.tables: must list at least one table")
+        );
     }
 
     #[test]
     fn urls() {
-        for good in ["http://ch:8123", "https://ch.example.com", "http://[::1]:8123/"] {
+        for good in [
+            "http://ch:8123",
+            "https://ch.example.com",
+            "http://[::1]:8123/",
+        ] {
             assert!(check_http_url(good).is_ok(), "{good}");
         }
         for bad in [
@@ -511,7 +523,10 @@ mod tests {
         let err = normalize_new_pipe(spec).unwrap_err();
         assert_eq!(
             fields(err),
-            ["spec.tables[1].source_table", "spec.tables[2].destination_table"]
+            [
+                "spec.tables[1].source_table",
+                "spec.tables[2].destination_table"
+            ]
         );
     }
 

@@ -19,7 +19,11 @@ pub struct EtcdArgs {
     )]
     pub endpoints: Vec<String>,
     /// Prefix of every key Ferry writes.
-    #[arg(long = "etcd-prefix", env = "FERRY_ETCD_PREFIX", default_value = "/ferry")]
+    #[arg(
+        long = "etcd-prefix",
+        env = "FERRY_ETCD_PREFIX",
+        default_value = "/ferry"
+    )]
     pub prefix: String,
     /// TTL of this process's lease, in seconds: after a crash, what it held is released after
     /// this long. Keepalives are sent every TTL/3.

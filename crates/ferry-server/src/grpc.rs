@@ -29,7 +29,9 @@ pub struct Health {
 
 impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Health").field("service", &self.service).finish()
+        f.debug_struct("Health")
+            .field("service", &self.service)
+            .finish()
     }
 }
 

@@ -15,7 +15,12 @@ pub enum LogFormat {
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
     /// Log line format.
-    #[arg(long = "log-format", env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long = "log-format",
+        env = "FERRY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub format: LogFormat,
     /// Log filter, as `RUST_LOG` (e.g. `info,ferry_store=debug`).
     #[arg(long = "log-level", env = "FERRY_LOG", default_value = "info")]
@@ -30,6 +35,10 @@ pub fn init(args: &LogArgs) {
         .with_writer(std::io::stderr);
     match args.format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }

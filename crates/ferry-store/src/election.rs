@@ -66,10 +66,9 @@ impl Leadership {
             response = campaign => response?,
             _ = session.lost() => return Err(StoreError::LeaseLost),
         };
-        let leader_key = response
-            .leader()
-            .cloned()
-            .ok_or_else(|| etcd_client::Error::ElectError("campaign returned no leader key".into()))?;
+        let leader_key = response.leader().cloned().ok_or_else(|| {
+            etcd_client::Error::ElectError("campaign returned no leader key".into())
+        })?;
         let fence = Fence::new(leader_key.key().to_vec(), leader_key.rev());
         info!(
             coordinator = %me.coordinator_id,

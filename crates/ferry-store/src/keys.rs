@@ -110,7 +110,10 @@ mod tests {
     fn layout() {
         let keys = Keys::new("/ferry/");
         assert_eq!(keys.pipe_spec("p"), "/ferry/pipes/p/spec");
-        assert_eq!(keys.pipe_table("p", "public.t"), "/ferry/pipes/p/tables/public.t");
+        assert_eq!(
+            keys.pipe_table("p", "public.t"),
+            "/ferry/pipes/p/tables/public.t"
+        );
         assert_eq!(keys.worker(WorkerKind::Cdc, "w1"), "/ferry/workers/cdc/w1");
         assert_eq!(keys.cdc_owner("p"), "/ferry/owners/cdc/p");
         assert_eq!(keys.election(), "/ferry/election/coordinator");

@@ -8,8 +8,8 @@
 //! - [`workers`]: worker registrations bound to leases.
 //! - [`watch`]: prefix watches that resume from the last seen revision after a reconnect.
 
-mod error;
 pub mod election;
+mod error;
 pub mod keys;
 pub mod pipes;
 pub mod session;

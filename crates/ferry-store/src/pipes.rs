@@ -148,7 +148,9 @@ impl Store {
             ]);
         let response = self.client().txn(txn).await?;
         if !response.succeeded() {
-            return Err(self.why_failed(fence, StoreError::AlreadyExists { key: spec_key }).await);
+            return Err(self
+                .why_failed(fence, StoreError::AlreadyExists { key: spec_key })
+                .await);
         }
         let revision = response.header().map_or(0, |h| h.revision());
         Ok(PipeRecord {
@@ -215,7 +217,9 @@ impl Store {
         if response.succeeded() {
             Ok(())
         } else {
-            Err(self.why_failed(fence, StoreError::Conflict { key: status_key }).await)
+            Err(self
+                .why_failed(fence, StoreError::Conflict { key: status_key })
+                .await)
         }
     }
 

@@ -88,7 +88,11 @@ impl PrefixWatch {
                     .with_prefix()
                     .with_start_revision(self.next_revision)
                     .with_progress_notify();
-                let stream = self.store.client().watch(self.prefix.clone(), Some(options)).await?;
+                let stream = self
+                    .store
+                    .client()
+                    .watch(self.prefix.clone(), Some(options))
+                    .await?;
                 debug!(prefix = %self.prefix, revision = self.next_revision, "watch opened");
                 self.stream.insert(stream)
             }
@@ -100,10 +104,11 @@ impl PrefixWatch {
             return Err(StoreError::Compacted(response.compact_revision()));
         }
         if response.canceled() {
-            return Err(
-                etcd_client::Error::WatchError(format!("watch canceled: {}", response.cancel_reason()))
-                    .into(),
-            );
+            return Err(etcd_client::Error::WatchError(format!(
+                "watch canceled: {}",
+                response.cancel_reason()
+            ))
+            .into());
         }
         let mut events = Vec::with_capacity(response.events().len());
         for event in response.events() {

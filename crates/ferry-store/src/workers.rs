@@ -31,7 +31,10 @@ impl Store {
     ) -> Result<Vec<WorkerRegistration>, StoreError> {
         let response = self
             .client()
-            .get(self.keys().workers(kind), Some(GetOptions::new().with_prefix()))
+            .get(
+                self.keys().workers(kind),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await?;
         response
             .kvs()
@@ -50,7 +53,10 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let response = self
             .client()
-            .get(self.keys().worker(kind, worker), Some(GetOptions::new().with_count_only()))
+            .get(
+                self.keys().worker(kind, worker),
+                Some(GetOptions::new().with_count_only()),
+            )
             .await?;
         Ok(response.count() > 0)
     }

@@ -110,7 +110,12 @@ impl Etcd {
         ready.ok_or_else(|| KitError::NotReady {
             what: format!("etcd member {}", self.members[i].name),
             seconds: 20,
-            log: self.dir.path().join(format!("{}.log", self.members[i].name)).display().to_string(),
+            log: self
+                .dir
+                .path()
+                .join(format!("{}.log", self.members[i].name))
+                .display()
+                .to_string(),
         })
     }
 

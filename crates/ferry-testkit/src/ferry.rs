@@ -5,14 +5,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferry_core::secret::SecretKey;
-use ferry_proto::v1::pipe_service_client::PipeServiceClient;
 use ferry_proto::v1::WorkerKind;
+use ferry_proto::v1::pipe_service_client::PipeServiceClient;
 use ferry_store::{EtcdConfig, Store, StoreError};
 use tempfile::TempDir;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 use crate::{ChildProcess, KitError, free_port, wait};
 
@@ -24,7 +24,10 @@ pub fn bin_dir() -> PathBuf {
     // Test executables live in target/<profile>/deps; binaries one level up.
     std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|deps| deps.parent().unwrap_or(deps).to_path_buf()))
+        .and_then(|exe| {
+            exe.parent()
+                .map(|deps| deps.parent().unwrap_or(deps).to_path_buf())
+        })
         .unwrap_or_else(|| PathBuf::from("target/debug"))
 }
 
@@ -88,7 +91,9 @@ impl Ferry {
             .args(extra);
         let log = self.dir.path().join(format!("{id}.log"));
         let process = ChildProcess::spawn(id, command, &log).map_err(|e| match e {
-            KitError::Spawn { program, source, .. } => KitError::Spawn {
+            KitError::Spawn {
+                program, source, ..
+            } => KitError::Spawn {
                 program,
                 hint: "build the service binaries first: cargo build --bins".into(),
                 source,
@@ -108,7 +113,14 @@ impl Ferry {
         self.spawn(
             "ferry-coordinator",
             id,
-            &["--coordinator-id", id, "--secret-key-file", &key, "--reconcile-interval", "2"],
+            &[
+                "--coordinator-id",
+                id,
+                "--secret-key-file",
+                &key,
+                "--reconcile-interval",
+                "2",
+            ],
         )
     }
 
@@ -135,7 +147,11 @@ impl Service {
 
     /// The health status of `service` ("" for the server), if the server answers.
     pub async fn health(&self, service: &str) -> Option<ServingStatus> {
-        let channel = tonic::transport::Endpoint::new(self.url()).ok()?.connect().await.ok()?;
+        let channel = tonic::transport::Endpoint::new(self.url())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
         let response = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: service.into(),

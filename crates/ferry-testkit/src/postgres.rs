@@ -44,7 +44,10 @@ impl Postgres {
         let data = dir.path().join("data");
         if is_root() {
             // The temp dir is 0700 root; the postgres user must reach its data dir.
-            std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+            std::fs::set_permissions(
+                dir.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )?;
             std::fs::create_dir(&data)?;
             run({
                 let mut c = Command::new("chown");
@@ -53,10 +56,12 @@ impl Postgres {
             })?;
         }
         let mut initdb = server_command("initdb");
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["--auth=trust", "--username=postgres", "--encoding=UTF8", "--no-sync"]);
+        initdb.arg("-D").arg(&data).args([
+            "--auth=trust",
+            "--username=postgres",
+            "--encoding=UTF8",
+            "--no-sync",
+        ]);
         run(initdb)?;
         let port = free_port()?;
         let mut postgres = server_command("postgres");
@@ -71,7 +76,14 @@ impl Postgres {
             .args(["-c", "wal_level=logical"])
             .args(["-c", "max_replication_slots=20"])
             .args(["-c", "max_wal_senders=20"])
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
         for setting in extra {
             postgres.args(["-c", setting]);
         }
@@ -119,13 +131,20 @@ impl Postgres {
 
     /// A libpq-style connection string for `database` as `postgres`.
     pub fn connection_string(&self, database: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={database}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={database}",
+            self.port
+        )
     }
 
     /// A connected client (its connection task runs in the background).
-    pub async fn client(&self, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    pub async fn client(
+        &self,
+        database: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let (client, connection) =
-            tokio_postgres::connect(&self.connection_string(database), tokio_postgres::NoTls).await?;
+            tokio_postgres::connect(&self.connection_string(database), tokio_postgres::NoTls)
+                .await?;
         tokio::spawn(async move {
             let _ = connection.await;
         });

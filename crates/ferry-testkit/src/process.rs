@@ -113,7 +113,9 @@ impl ChildProcess {
     /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
     pub async fn terminate(&mut self, within: std::time::Duration) -> bool {
         let Some(pid) = self.pid() else { return false };
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
             if let Some(child) = self.child.as_mut()

@@ -9,11 +9,11 @@ mod watch;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use ferry_core::PipeState;
 use ferry_core::lifecycle::{self, PipeEvent, has_started_replicating};
 use ferry_core::naming::check_pipe_name;
 use ferry_core::secret::SecretKey;
 use ferry_core::spec::{self, source_table_name};
-use ferry_core::PipeState;
 use ferry_proto::v1::pipe_service_server::PipeService;
 use ferry_proto::v1::*;
 use ferry_store::{PipeRecord, Store, StoreError};
@@ -151,7 +151,9 @@ impl PipeService for PipeApi {
     ) -> Result<Response<ListPipesResponse>, Status> {
         let states = &request.get_ref().states;
         if let Some(bad) = states.iter().find(|s| PipeState::try_from(**s).is_err()) {
-            return Err(Status::invalid_argument(format!("states: unknown state {bad}")));
+            return Err(Status::invalid_argument(format!(
+                "states: unknown state {bad}"
+            )));
         }
         let listing = self.store().list_pipes().await.map_err(store_status)?;
         let pipes = listing
@@ -179,7 +181,7 @@ impl PipeService for PipeApi {
         &self,
         request: Request<UpdatePipeSettingsRequest>,
     ) -> Result<Response<UpdatePipeSettingsResponse>, Status> {
-        let update = request.get_ref().settings.clone().unwrap_or_default();
+        let update = request.get_ref().settings.unwrap_or_default();
         let name = request.get_ref().name.clone();
         // Validate against the defaults first, so a bad value is refused even on a follower.
         spec::apply_settings_update(&Default::default(), &update).map_err(|e| invalid_spec(&e))?;
@@ -191,7 +193,7 @@ impl PipeService for PipeApi {
                     "pipe {name} is being deleted"
                 )));
             }
-            let current = record.spec.settings.clone().unwrap_or_default();
+            let current = record.spec.settings.unwrap_or_default();
             let merged =
                 spec::apply_settings_update(&current, &update).map_err(|e| invalid_spec(&e))?;
             record.spec.settings = Some(merged);
@@ -221,7 +223,11 @@ impl PipeService for PipeApi {
         request: Request<PausePipeRequest>,
     ) -> Result<Response<PausePipeResponse>, Status> {
         let pipe = self
-            .not_yet(&request.get_ref().name, PipeEvent::PauseRequested, "pausing (CDC)")
+            .not_yet(
+                &request.get_ref().name,
+                PipeEvent::PauseRequested,
+                "pausing (CDC)",
+            )
             .await?;
         Ok(Response::new(PausePipeResponse { pipe: Some(pipe) }))
     }
@@ -231,7 +237,11 @@ impl PipeService for PipeApi {
         request: Request<ResumePipeRequest>,
     ) -> Result<Response<ResumePipeResponse>, Status> {
         let pipe = self
-            .not_yet(&request.get_ref().name, PipeEvent::ResumeRequested, "resuming (CDC)")
+            .not_yet(
+                &request.get_ref().name,
+                PipeEvent::ResumeRequested,
+                "resuming (CDC)",
+            )
             .await?;
         Ok(Response::new(ResumePipeResponse { pipe: Some(pipe) }))
     }
@@ -241,7 +251,11 @@ impl PipeService for PipeApi {
         request: Request<ResyncPipeRequest>,
     ) -> Result<Response<ResyncPipeResponse>, Status> {
         let pipe = self
-            .not_yet(&request.get_ref().name, PipeEvent::ResyncRequested, "resync")
+            .not_yet(
+                &request.get_ref().name,
+                PipeEvent::ResyncRequested,
+                "resync",
+            )
             .await?;
         Ok(Response::new(ResyncPipeResponse { pipe: Some(pipe) }))
     }
@@ -269,7 +283,9 @@ impl PipeService for PipeApi {
         } = request.into_inner();
         let record = self.existing(&name).await?;
         if source_tables.is_empty() {
-            return Err(Status::invalid_argument("source_tables: must list at least one table"));
+            return Err(Status::invalid_argument(
+                "source_tables: must list at least one table",
+            ));
         }
         let present: Vec<String> = record.spec.tables.iter().map(source_table_name).collect();
         for (i, table) in source_tables.iter().enumerate() {

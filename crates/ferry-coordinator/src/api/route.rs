@@ -76,10 +76,7 @@ impl Router {
 
     /// Builds the request to forward: same message, marked as forwarded, same deadline.
     pub(crate) fn forwarded<T>(&self, request: Request<T>) -> Request<T> {
-        let timeout = request
-            .metadata()
-            .get("grpc-timeout")
-            .cloned();
+        let timeout = request.metadata().get("grpc-timeout").cloned();
         let mut forwarded = Request::new(request.into_inner());
         if let Ok(me) = self.me.parse() {
             forwarded.metadata_mut().insert(FORWARDED_BY, me);

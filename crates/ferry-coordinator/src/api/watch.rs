@@ -50,24 +50,31 @@ pub(crate) async fn stream(
         let mut changed = false;
         for event in events {
             match event {
-                WatchEvent::Put { key, value, revision } if key == status_key.as_bytes() => {
-                    match PipeStatus::decode(value.as_slice()) {
-                        Ok(status) => {
-                            record.status = status;
-                            record.status_revision = revision;
-                            changed = true;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(store_status(StoreError::Decode {
+                WatchEvent::Put {
+                    key,
+                    value,
+                    revision,
+                } if key == status_key.as_bytes() => match PipeStatus::decode(value.as_slice()) {
+                    Ok(status) => {
+                        record.status = status;
+                        record.status_revision = revision;
+                        changed = true;
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(store_status(StoreError::Decode {
                                 key: status_key.clone(),
                                 source: e,
                             })))
                             .await;
-                            return;
-                        }
+                        return;
                     }
-                }
-                WatchEvent::Put { key, value, revision } if key == spec_key.as_bytes() => {
+                },
+                WatchEvent::Put {
+                    key,
+                    value,
+                    revision,
+                } if key == spec_key.as_bytes() => {
                     if let Ok(spec) = PipeSpec::decode(value.as_slice()) {
                         record.spec = spec;
                         record.spec_revision = revision;
