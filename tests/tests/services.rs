@@ -617,3 +617,71 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
             .any(|(k, _)| k.starts_with("/ferry/pipes/orders/"))
     );
 }
+
+#[tokio::test]
+async fn sigterm_hands_leadership_over_at_once() {
+    let etcd = Etcd::start().await.unwrap();
+    // A long TTL: a handover faster than it can only come from resigning.
+    let ferry = Ferry::new(etcd.endpoints(), 30).unwrap();
+    let store = ferry.store().await.unwrap();
+    let mut a = start_coordinator(&ferry, "coord-a").await;
+    let _b = start_coordinator(&ferry, "coord-b").await;
+    let leader = election::current_leader(&store).await.unwrap().unwrap();
+    assert_eq!(leader.coordinator_id, "coord-a");
+    let stopping = Instant::now();
+    assert!(
+        a.process().terminate(Duration::from_secs(10)).await,
+        "unclean exit"
+    );
+    let took_over = wait::until(Duration::from_secs(10), || async {
+        let leader = election::current_leader(&store).await.ok().flatten()?;
+        (leader.coordinator_id == "coord-b").then_some(())
+    })
+    .await;
+    assert!(took_over.is_some());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "handover took {:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        !all_values(&store)
+            .await
+            .iter()
+            .any(|(_, v)| String::from_utf8_lossy(v).contains("coord-a"))
+    );
+}
+
+#[tokio::test]
+async fn a_three_member_etcd_losing_one_member_keeps_ferry_working() {
+    let mut etcd = Etcd::start_cluster(3).await.unwrap();
+    let ferry = Ferry::new(etcd.endpoints(), TTL).unwrap();
+    let coordinator = start_coordinator(&ferry, "c1").await;
+    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
+    let mut client = coordinator.pipe_client().await.unwrap();
+    client.create_pipe(create(spec("before"))).await.unwrap();
+    wait_state(&mut client, "before", PipeState::Provisioning).await;
+
+    // Any one member may die: the quorum of two carries on, and so do leases and leadership.
+    etcd.kill_member(0);
+    let created = wait::until(READY, || {
+        let mut client = client.clone();
+        async move { client.create_pipe(create(spec("after"))).await.ok() }
+    })
+    .await;
+    assert!(
+        created.is_some(),
+        "no write succeeded with two of three members"
+    );
+    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
+    wait_state(&mut client, "before", PipeState::Setup).await;
+    wait_state(&mut client, "after", PipeState::Setup).await;
+    // The Setup transitions above were fenced leader writes: c1 kept leading throughout.
+    let store = ferry.store().await.unwrap();
+    let leader = election::current_leader(&store).await.unwrap().unwrap();
+    assert_eq!(leader.coordinator_id, "c1");
+    assert_eq!(
+        coordinator.health("").await,
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
+    );
+}
