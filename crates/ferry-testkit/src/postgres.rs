@@ -151,6 +151,25 @@ impl Postgres {
         Ok(client)
     }
 
+    /// Makes TCP logins of `user` require a password (scram-sha-256), for authentication tests.
+    pub async fn require_password_for(&self, user: &str) -> Result<(), KitError> {
+        let hba = self.dir.path().join("data/pg_hba.conf");
+        let rest = std::fs::read_to_string(&hba)?;
+        std::fs::write(
+            &hba,
+            format!("host all {user} 127.0.0.1/32 scram-sha-256\n{rest}"),
+        )?;
+        let client = self
+            .client("postgres")
+            .await
+            .map_err(|e| KitError::Io(std::io::Error::other(e)))?;
+        client
+            .execute("SELECT pg_reload_conf()", &[])
+            .await
+            .map_err(|e| KitError::Io(std::io::Error::other(e)))?;
+        Ok(())
+    }
+
     /// Stops the server at once.
     pub fn kill(&mut self) {
         if let Some(mut p) = self.process.take() {

@@ -1,0 +1,159 @@
+use std::fmt;
+
+/// A problem with the source, phrased for the person who has to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Nothing answers at the address.
+    #[error("cannot connect to Postgres at {addr}")]
+    Unreachable {
+        /// host:port.
+        addr: String,
+        /// Why.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The server refused the credentials.
+    #[error("Postgres refused the login of user {user}")]
+    AuthFailed {
+        /// The user.
+        user: String,
+        /// Why.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A TLS mode Ferry cannot honour.
+    #[error("ssl_mode {0} is not supported yet")]
+    TlsUnsupported(&'static str),
+    /// A query failed.
+    #[error("Postgres query failed: {what}")]
+    Query {
+        /// What was being asked.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The catalog holds something Ferry does not expect.
+    #[error("unexpected Postgres catalog content: {detail}")]
+    Catalog {
+        /// What.
+        detail: String,
+    },
+    /// `wal_level` is not `logical`.
+    #[error("wal_level is {actual}, logical replication needs logical")]
+    WalLevel {
+        /// The current value.
+        actual: String,
+    },
+    /// The user may not replicate.
+    #[error("user {user} has neither the REPLICATION attribute nor superuser")]
+    NotReplicationRole {
+        /// The user.
+        user: String,
+    },
+    /// No replication slot is free.
+    #[error("all {max} replication slots are in use")]
+    NoFreeSlots {
+        /// max_replication_slots.
+        max: i64,
+    },
+    /// No WAL sender is free.
+    #[error("all {max} WAL senders are in use")]
+    NoFreeWalSenders {
+        /// max_wal_senders.
+        max: i64,
+    },
+    /// A table in the spec does not exist.
+    #[error("table {table} does not exist")]
+    TableMissing {
+        /// schema.table.
+        table: String,
+    },
+    /// The user cannot read a table.
+    #[error("user {user} may not SELECT from {table}")]
+    NoSelect {
+        /// schema.table.
+        table: String,
+        /// The user.
+        user: String,
+    },
+    /// A table without primary key or usable replica identity.
+    #[error("table {table} has no primary key and REPLICA IDENTITY {identity}")]
+    NoRowIdentity {
+        /// schema.table.
+        table: String,
+        /// DEFAULT or NOTHING.
+        identity: &'static str,
+    },
+    /// A named publication does not exist.
+    #[error("publication {publication} does not exist")]
+    PublicationMissing {
+        /// Its name.
+        publication: String,
+    },
+    /// A named publication does not publish a table of the pipe.
+    #[error("publication {publication} does not publish {table}")]
+    PublicationLacksTable {
+        /// Its name.
+        publication: String,
+        /// schema.table.
+        table: String,
+    },
+}
+
+/// Quotes an identifier for SQL shown to users (and run by Ferry).
+pub(crate) struct Ident<'a>(pub &'a str);
+
+impl fmt::Display for Ident<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{}\"", self.0.replace('"', "\"\""))
+    }
+}
+
+/// `"schema"."table"` from `schema.table` as Ferry names tables (neither part contains a dot).
+pub(crate) fn quoted_table(table: &str) -> String {
+    match table.split_once('.') {
+        Some((schema, name)) => format!("{}.{}", Ident(schema), Ident(name)),
+        None => Ident(table).to_string(),
+    }
+}
+
+impl SourceError {
+    /// What the user should do.
+    pub fn remedy(&self) -> String {
+        match self {
+            Self::Unreachable { .. } => "check spec.source.host and port, that Postgres listens on that address (listen_addresses) and that no firewall blocks it".into(),
+            Self::AuthFailed { user, .. } => format!("check the password given in secrets.source_password and that pg_hba.conf allows {user} to connect from Ferry's address, for replication too"),
+            Self::TlsUnsupported(_) => "use ssl_mode disable or prefer".into(),
+            Self::Query { .. } | Self::Catalog { .. } => "check the Postgres server log; retry once the cause is fixed".into(),
+            Self::WalLevel { .. } => "run ALTER SYSTEM SET wal_level = logical; then restart Postgres".into(),
+            Self::NotReplicationRole { user } => format!("run ALTER ROLE {} REPLICATION;", Ident(user)),
+            Self::NoFreeSlots { .. } => "drop unused slots (SELECT slot_name FROM pg_replication_slots WHERE NOT active) or raise max_replication_slots and restart Postgres".into(),
+            Self::NoFreeWalSenders { .. } => "raise max_wal_senders and restart Postgres, or stop other replication clients".into(),
+            Self::TableMissing { .. } => "create the table, or remove it from spec.tables".into(),
+            Self::NoSelect { table, user } => format!("run GRANT SELECT ON {} TO {};", quoted_table(table), Ident(user)),
+            Self::NoRowIdentity { table, .. } => format!("add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL; (or USING INDEX on a unique, non-null index)", quoted_table(table)),
+            Self::PublicationMissing { publication } => format!("create it (CREATE PUBLICATION {} FOR TABLE ...;) or leave spec.source.publication empty so Ferry manages one", Ident(publication)),
+            Self::PublicationLacksTable { publication, table } => format!("run ALTER PUBLICATION {} ADD TABLE {};", Ident(publication), quoted_table(table)),
+        }
+    }
+
+    /// The table concerned, if any.
+    pub fn table(&self) -> Option<&str> {
+        match self {
+            Self::TableMissing { table }
+            | Self::NoSelect { table, .. }
+            | Self::NoRowIdentity { table, .. }
+            | Self::PublicationLacksTable { table, .. } => Some(table),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying later may succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. } | Self::Query { .. } | Self::NoFreeWalSenders { .. }
+        )
+    }
+}

@@ -1,0 +1,14 @@
+//! The PostgreSQL source.
+//!
+//! - [`connection`]: connecting with a pipe's settings and sealed-then-opened password.
+//! - [`validate`]: the Setup checks (wal_level, replication role, free slots and senders,
+//!   table existence, SELECT privilege, row identity, publication), each failing with the exact
+//!   SQL a user runs to fix it.
+//! - [`schema`]: the source table definitions Setup records.
+
+pub mod connection;
+mod error;
+pub mod schema;
+pub mod validate;
+
+pub use error::SourceError;

@@ -1,0 +1,196 @@
+//! Reading source table definitions: columns with their types resolved through domains, the row
+//! key, replica identity, partitioning and size estimates.
+
+use std::collections::HashMap;
+
+use ferry_proto::v1::{ColumnSchema, ReplicaIdentity, TableSchema};
+use tokio_postgres::Client;
+
+use crate::SourceError;
+
+/// What a type oid resolves to once domains are looked through.
+#[derive(Debug, Clone)]
+struct ResolvedType {
+    oid: u32,
+    kind: String,
+    element: u32,
+    /// The domain's type modifier, for columns declared with a domain over e.g. numeric(10,2).
+    typmod: i32,
+}
+
+/// Resolves type oids through (possibly nested) domains, caching lookups.
+struct TypeResolver<'c> {
+    client: &'c Client,
+    cache: HashMap<u32, ResolvedType>,
+}
+
+impl TypeResolver<'_> {
+    async fn resolve(&mut self, oid: u32) -> Result<ResolvedType, SourceError> {
+        if let Some(hit) = self.cache.get(&oid) {
+            return Ok(hit.clone());
+        }
+        let mut current = oid;
+        let mut typmod = -1;
+        // Domains nest rarely and never cyclically; the bound guards against a corrupt catalog.
+        for _ in 0..32 {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT typtype::text, typbasetype, typelem, typtypmod, typcategory::text \
+                     FROM pg_type WHERE oid = $1",
+                    &[&current],
+                )
+                .await
+                .map_err(|source| SourceError::Query {
+                    what: "type lookup",
+                    source,
+                })?;
+            let kind: String = row.get(0);
+            if kind == "d" {
+                let domain_typmod: i32 = row.get(3);
+                if typmod == -1 {
+                    typmod = domain_typmod;
+                }
+                current = row.get(1);
+                continue;
+            }
+            let category: String = row.get(4);
+            let element: u32 = if category == "A" { row.get(2) } else { 0 };
+            let resolved = ResolvedType {
+                oid: current,
+                kind,
+                element,
+                typmod,
+            };
+            self.cache.insert(oid, resolved.clone());
+            return Ok(resolved);
+        }
+        Err(SourceError::Catalog {
+            detail: format!("type {oid} is a chain of more than 32 domains"),
+        })
+    }
+}
+
+/// Describes `schema.table`.
+pub async fn describe_table(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<TableSchema, SourceError> {
+    let qualified = format!("{schema}.{table}");
+    let row = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, c.relkind = 'p' \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|source| SourceError::Query {
+            what: "table lookup",
+            source,
+        })?
+        .ok_or_else(|| SourceError::TableMissing {
+            table: qualified.clone(),
+        })?;
+    let (relation_oid, identity, partitioned): (u32, String, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    let replica_identity = match identity.as_str() {
+        "d" => ReplicaIdentity::Default,
+        "f" => ReplicaIdentity::Full,
+        "i" => ReplicaIdentity::Index,
+        _ => ReplicaIdentity::Nothing,
+    };
+
+    // The row key: the primary key, else the replica identity index.
+    let key_rows = client
+        .query(
+            "SELECT a.attname, k.ord::int8 FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
+             ORDER BY i.indisprimary DESC, k.ord",
+            &[&relation_oid],
+        )
+        .await
+        .map_err(|source| SourceError::Query {
+            what: "key columns",
+            source,
+        })?;
+    let mut key: HashMap<String, u32> = HashMap::new();
+    for row in &key_rows {
+        let name: String = row.get(0);
+        let position: i64 = row.get(1);
+        key.entry(name)
+            .or_insert(u32::try_from(position).unwrap_or(0));
+    }
+
+    let column_rows = client
+        .query(
+            "SELECT a.attname, a.atttypid, format_type(a.atttypid, a.atttypmod), a.atttypmod, \
+                    NOT a.attnotnull \
+             FROM pg_attribute a \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             ORDER BY a.attnum",
+            &[&relation_oid],
+        )
+        .await
+        .map_err(|source| SourceError::Query {
+            what: "columns",
+            source,
+        })?;
+    let mut resolver = TypeResolver {
+        client,
+        cache: HashMap::new(),
+    };
+    let mut columns = Vec::with_capacity(column_rows.len());
+    for row in &column_rows {
+        let name: String = row.get(0);
+        let declared: u32 = row.get(1);
+        let resolved = resolver.resolve(declared).await?;
+        let (element_type_oid, type_kind) = if resolved.element != 0 {
+            let element = resolver.resolve(resolved.element).await?;
+            (element.oid, element.kind)
+        } else {
+            (0, resolved.kind.clone())
+        };
+        let typmod: i32 = row.get(3);
+        columns.push(ColumnSchema {
+            key_position: key.get(&name).copied().unwrap_or(0),
+            name,
+            type_oid: resolved.oid,
+            type_name: row.get(2),
+            type_modifier: if typmod == -1 {
+                resolved.typmod
+            } else {
+                typmod
+            },
+            nullable: row.get(4),
+            element_type_oid,
+            type_kind,
+        });
+    }
+
+    // Estimates: for a partitioned table, the sum over its leaf partitions.
+    let estimate = client
+        .query_one(
+            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8, coalesce(sum(c.relpages), 0)::int8 \
+             FROM pg_class c WHERE c.relkind <> 'p' AND (c.oid = $1::oid OR c.oid IN \
+               (SELECT relid FROM pg_partition_tree($1::oid::regclass) WHERE isleaf))",
+            &[&relation_oid],
+        )
+        .await
+        .map_err(|source| SourceError::Query { what: "size estimate", source })?;
+    let (rows, pages): (i64, i64) = (estimate.get(0), estimate.get(1));
+
+    Ok(TableSchema {
+        source_schema: schema.to_owned(),
+        source_table: table.to_owned(),
+        relation_oid,
+        columns,
+        replica_identity: replica_identity.into(),
+        partitioned,
+        estimated_rows: u64::try_from(rows).unwrap_or(0),
+        pages: u64::try_from(pages).unwrap_or(0),
+    })
+}

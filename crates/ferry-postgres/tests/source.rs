@@ -1,0 +1,251 @@
+//! Setup validation and schema introspection against a real PostgreSQL 15.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ferry_postgres::SourceError;
+use ferry_postgres::connection::connect;
+use ferry_postgres::schema::describe_table;
+use ferry_postgres::validate::check_source;
+use ferry_proto::v1::{PipeMode, PipeSpec, PostgresSource, ReplicaIdentity, TableMapping};
+use ferry_testkit::postgres::Postgres;
+
+fn source(pg: &Postgres, user: &str) -> PostgresSource {
+    PostgresSource {
+        host: "127.0.0.1".into(),
+        port: u32::from(pg.port()),
+        database: "postgres".into(),
+        user: user.into(),
+        ..Default::default()
+    }
+}
+
+fn spec(pg: &Postgres, user: &str, tables: &[&str]) -> PipeSpec {
+    PipeSpec {
+        name: "p".into(),
+        source: Some(source(pg, user)),
+        tables: tables
+            .iter()
+            .map(|t| {
+                let (schema, table) = t.split_once('.').unwrap();
+                TableMapping {
+                    source_schema: schema.into(),
+                    source_table: table.into(),
+                    destination_table: table.into(),
+                }
+            })
+            .collect(),
+        mode: PipeMode::SnapshotAndCdc.into(),
+        ..Default::default()
+    }
+}
+
+async fn admin(pg: &Postgres) -> tokio_postgres::Client {
+    pg.client("postgres").await.unwrap()
+}
+
+#[tokio::test]
+async fn a_good_source_passes_and_each_problem_names_its_fix() {
+    let pg = Postgres::start().await.unwrap();
+    let db = admin(&pg).await;
+    db.batch_execute(
+        "CREATE TABLE public.good (id int PRIMARY KEY, v text);
+         CREATE TABLE public.full_identity (v text); ALTER TABLE public.full_identity REPLICA IDENTITY FULL;
+         CREATE TABLE public.no_key (v text);
+         CREATE TABLE public.secret (id int PRIMARY KEY);
+         CREATE ROLE reader LOGIN REPLICATION;
+         GRANT SELECT ON public.good, public.no_key TO reader;
+         CREATE PUBLICATION mine FOR TABLE public.good;",
+    )
+    .await
+    .unwrap();
+    let client = connect(&source(&pg, "postgres"), "").await.unwrap();
+    check_source(
+        &client,
+        &spec(&pg, "postgres", &["public.good", "public.full_identity"]),
+        "ferry_p",
+    )
+    .await
+    .unwrap();
+
+    let err = check_source(
+        &client,
+        &spec(&pg, "postgres", &["public.no_key"]),
+        "ferry_p",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SourceError::NoRowIdentity { .. }), "{err:?}");
+    assert_eq!(err.table(), Some("public.no_key"));
+    assert!(
+        err.remedy()
+            .contains("ALTER TABLE \"public\".\"no_key\" REPLICA IDENTITY FULL"),
+        "{}",
+        err.remedy()
+    );
+    // A snapshot-only pipe does not need row identity.
+    let mut snapshot_only = spec(&pg, "postgres", &["public.no_key"]);
+    snapshot_only.mode = PipeMode::SnapshotOnly.into();
+    check_source(&client, &snapshot_only, "ferry_p")
+        .await
+        .unwrap();
+
+    let err = check_source(
+        &client,
+        &spec(&pg, "postgres", &["public.missing"]),
+        "ferry_p",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SourceError::TableMissing { .. }), "{err:?}");
+    assert_eq!(err.to_string(), "table public.missing does not exist");
+
+    let reader = connect(&source(&pg, "reader"), "").await.unwrap();
+    let err = check_source(
+        &reader,
+        &spec(&pg, "reader", &["public.good", "public.secret"]),
+        "ferry_p",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SourceError::NoSelect { .. }), "{err:?}");
+    assert_eq!(
+        err.remedy(),
+        "run GRANT SELECT ON \"public\".\"secret\" TO \"reader\";"
+    );
+
+    db.batch_execute("CREATE ROLE plain LOGIN; GRANT SELECT ON public.good TO plain;")
+        .await
+        .unwrap();
+    let plain = connect(&source(&pg, "plain"), "").await.unwrap();
+    let err = check_source(&plain, &spec(&pg, "plain", &["public.good"]), "ferry_p")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SourceError::NotReplicationRole { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.remedy(), "run ALTER ROLE \"plain\" REPLICATION;");
+
+    let mut with_publication = spec(&pg, "postgres", &["public.good", "public.full_identity"]);
+    with_publication.source.as_mut().unwrap().publication = "mine".into();
+    let err = check_source(&client, &with_publication, "ferry_p")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SourceError::PublicationLacksTable { .. }),
+        "{err:?}"
+    );
+    with_publication.source.as_mut().unwrap().publication = "nope".into();
+    let err = check_source(&client, &with_publication, "ferry_p")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SourceError::PublicationMissing { .. }),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn wal_level_replica_is_refused() {
+    let pg = Postgres::start_with(&["wal_level=replica"]).await.unwrap();
+    admin(&pg)
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let client = connect(&source(&pg, "postgres"), "").await.unwrap();
+    let err = check_source(&client, &spec(&pg, "postgres", &["public.t"]), "ferry_p")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::WalLevel { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "wal_level is replica, logical replication needs logical"
+    );
+    assert!(
+        err.remedy()
+            .contains("ALTER SYSTEM SET wal_level = logical")
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_and_unreachable_host_are_told_apart() {
+    let pg = Postgres::start().await.unwrap();
+    admin(&pg)
+        .await
+        .batch_execute("CREATE ROLE guarded LOGIN PASSWORD 'right'")
+        .await
+        .unwrap();
+    pg.require_password_for("guarded").await.unwrap();
+    connect(&source(&pg, "guarded"), "right").await.unwrap();
+    let err = connect(&source(&pg, "guarded"), "wrong").await.unwrap_err();
+    assert!(matches!(err, SourceError::AuthFailed { .. }), "{err:?}");
+    assert!(!err.is_transient());
+    assert!(
+        !format!("{err:?}").contains("wrong"),
+        "the password leaked into the error"
+    );
+
+    let mut nowhere = source(&pg, "postgres");
+    nowhere.port = u32::from(ferry_testkit::free_port().unwrap());
+    let err = connect(&nowhere, "").await.unwrap_err();
+    assert!(matches!(err, SourceError::Unreachable { .. }), "{err:?}");
+    assert!(err.is_transient());
+}
+
+#[tokio::test]
+async fn tables_are_described_with_types_keys_and_estimates() {
+    let pg = Postgres::start().await.unwrap();
+    admin(&pg)
+        .await
+        .batch_execute(
+            "CREATE DOMAIN money2 AS numeric(10,2);
+             CREATE DOMAIN money3 AS money2;
+             CREATE TYPE mood AS ENUM ('sad', 'happy');
+             CREATE TABLE t (
+                b text, a bigint NOT NULL, amount money3, tags text[], m mood, moods mood[],
+                ts timestamptz(3), gone int, gen int GENERATED ALWAYS AS (a * 2) STORED,
+                PRIMARY KEY (a, b));
+             ALTER TABLE t DROP COLUMN gone;
+             INSERT INTO t (a, b) SELECT i, i::text FROM generate_series(1, 1000) i;
+             ANALYZE t;
+             CREATE TABLE parted (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+             CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM ('2020-01-01') TO ('2021-01-01');
+             CREATE TABLE parted_2 PARTITION OF parted FOR VALUES FROM ('2021-01-01') TO ('2022-01-01');
+             INSERT INTO parted SELECT i, '2020-06-01'::date + (i % 400) FROM generate_series(1, 500) i;
+             ANALYZE parted;",
+        )
+        .await
+        .unwrap();
+    let client = connect(&source(&pg, "postgres"), "").await.unwrap();
+    let t = describe_table(&client, "public", "t").await.unwrap();
+    let names: Vec<_> = t.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["b", "a", "amount", "tags", "m", "moods", "ts"]);
+    let col = |n: &str| t.columns.iter().find(|c| c.name == n).unwrap().clone();
+    assert_eq!(
+        (
+            col("a").key_position,
+            col("b").key_position,
+            col("m").key_position
+        ),
+        (1, 2, 0)
+    );
+    assert!(!col("a").nullable && !col("b").nullable && col("amount").nullable);
+    // numeric(10,2) through two domains: numeric's oid, the domain's precision and scale.
+    assert_eq!(col("amount").type_oid, 1700);
+    assert_eq!(col("amount").type_modifier, ((10 << 16) | 2) + 4);
+    assert_eq!(
+        (col("tags").type_oid, col("tags").element_type_oid),
+        (1009, 25)
+    );
+    assert_eq!(col("m").type_kind, "e");
+    assert_eq!(col("moods").type_kind, "e");
+    assert_eq!(col("ts").type_name, "timestamp(3) with time zone");
+    assert_eq!(t.replica_identity(), ReplicaIdentity::Default);
+    assert_eq!(t.estimated_rows, 1000);
+    assert!(t.pages > 0 && !t.partitioned);
+
+    let parted = describe_table(&client, "public", "parted").await.unwrap();
+    assert!(parted.partitioned);
+    assert_eq!(parted.estimated_rows, 500);
+}
