@@ -33,7 +33,12 @@ impl Fence {
 
     /// Whether the guard still holds, read now (for distinguishing a failed transaction's cause).
     pub(crate) async fn holds(&self, store: &Store) -> Result<bool, StoreError> {
-        let response = store.client().get(self.key.clone(), None).await?;
+        let response = store
+            .request(true, |mut c| {
+                let key = self.key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         Ok(response
             .kvs()
             .first()
@@ -97,7 +102,13 @@ impl Leadership {
 /// The current leader, if any, as it announced itself.
 pub async fn current_leader(store: &Store) -> Result<Option<CoordinatorLeader>, StoreError> {
     let name = store.keys().election();
-    match store.client().leader(name.clone()).await {
+    let answer = store
+        .request(true, |mut c| {
+            let name = name.clone();
+            async move { c.leader(name).await }
+        })
+        .await;
+    match answer {
         Ok(response) => match response.kv() {
             Some(kv) => CoordinatorLeader::decode(kv.value())
                 .map(Some)

@@ -66,9 +66,48 @@ impl Store {
         &self.keys
     }
 
+    /// Runs an etcd request, retrying a few times when it did not get through. With several
+    /// members, the client balances requests over them; a dead member refuses connections
+    /// until the balancer notices, and a retry lands on a live one. Requests that change
+    /// state (`idempotent == false`) are retried only when they cannot have reached etcd
+    /// (the connection was refused), so a write is never applied twice.
+    pub(crate) async fn request<T, F, Fut>(
+        &self,
+        idempotent: bool,
+        op: F,
+    ) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(EtcdClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        const ATTEMPTS: u32 = 4;
+        let mut attempt = 1;
+        loop {
+            match op(self.client()).await {
+                Err(error) if attempt < ATTEMPTS && not_delivered(&error, idempotent) => {
+                    tracing::debug!(%error, attempt, "etcd request failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50) * attempt).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// A handle on the underlying client (cheap: clones share one channel).
     pub fn client(&self) -> EtcdClient {
         self.client.clone()
+    }
+}
+
+/// Whether a failed request may be retried: it certainly did not reach etcd, or it is a read.
+fn not_delivered(error: &etcd_client::Error, idempotent: bool) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::Unavailable => {
+            idempotent || status.message().contains("connect")
+        }
+        etcd_client::Error::TransportError(_) => idempotent,
+        _ => false,
     }
 }
 

@@ -63,9 +63,12 @@ impl Partial {
 impl Store {
     /// Every pipe, read at one revision.
     pub async fn list_pipes(&self) -> Result<PipeListing, StoreError> {
+        let prefix = self.keys().pipes();
         let response = self
-            .client()
-            .get(self.keys().pipes(), Some(GetOptions::new().with_prefix()))
+            .request(true, |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         let revision = response.header().map_or(0, |h| h.revision());
         let mut partial: BTreeMap<String, Partial> = BTreeMap::new();
@@ -97,7 +100,12 @@ impl Store {
             TxnOp::get(keys.pipe_spec(pipe), None),
             TxnOp::get(keys.pipe_status(pipe), None),
         ]);
-        let response = self.client().txn(txn).await?;
+        let response = self
+            .request(true, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         let mut partial = Partial::default();
         for op in response.op_responses() {
             if let etcd_client::TxnOpResponse::Get(get) = op {
@@ -115,9 +123,12 @@ impl Store {
 
     /// The sealed secrets of a pipe.
     pub async fn get_pipe_secrets(&self, pipe: &str) -> Result<Option<SealedSecrets>, StoreError> {
+        let key = self.keys().pipe_secrets(pipe);
         let response = self
-            .client()
-            .get(self.keys().pipe_secrets(pipe), None)
+            .request(true, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
             .await?;
         response
             .kvs()
@@ -146,7 +157,7 @@ impl Store {
                 TxnOp::put(keys.pipe_secrets(&spec.name), secrets.encode_to_vec(), None),
                 TxnOp::put(keys.pipe_status(&spec.name), status.encode_to_vec(), None),
             ]);
-        let response = self.client().txn(txn).await?;
+        let response = self.write(txn).await?;
         if !response.succeeded() {
             return Err(self
                 .why_failed(fence, StoreError::AlreadyExists { key: spec_key })
@@ -213,7 +224,7 @@ impl Store {
                     Some(DeleteOptions::new().with_prefix()),
                 ),
             ]);
-        let response = self.client().txn(txn).await?;
+        let response = self.write(txn).await?;
         if response.succeeded() {
             Ok(())
         } else {
@@ -236,12 +247,22 @@ impl Store {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, expected_revision),
             ])
             .and_then([TxnOp::put(key.clone(), value, None)]);
-        let response = self.client().txn(txn).await?;
+        let response = self.write(txn).await?;
         if response.succeeded() {
             Ok(response.header().map_or(0, |h| h.revision()))
         } else {
             Err(self.why_failed(fence, StoreError::Conflict { key }).await)
         }
+    }
+
+    /// Runs a guarded write transaction (retried only if it cannot have reached etcd).
+    async fn write(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        Ok(self
+            .request(false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?)
     }
 
     /// Tells a lost leadership apart from the other guard of a failed transaction.

@@ -17,10 +17,17 @@ impl Store {
         let key = self
             .keys()
             .worker(registration.kind(), &registration.worker_id);
-        let options = PutOptions::new().with_lease(session.lease_id());
-        self.client()
-            .put(key, registration.encode_to_vec(), Some(options))
-            .await?;
+        let value = registration.encode_to_vec();
+        let lease = session.lease_id();
+        // Putting the same value twice is harmless, so this write may be retried.
+        self.request(true, |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await?;
         Ok(())
     }
 
