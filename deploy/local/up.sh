@@ -20,7 +20,12 @@ grpcurl="$repo/.tools/venv/bin/grpcurl"
 mkdir -p "$FERRY_STATE_DIR"/{logs,pids}
 chmod 755 "$FERRY_STATE_DIR"
 
-running() { [ -f "$FERRY_STATE_DIR/pids/$1" ] && kill -0 "$(cat "$FERRY_STATE_DIR/pids/$1")" 2>/dev/null; }
+# Alive and not a zombie (a killed child of an exited shell may linger unreaped in containers).
+running() {
+  local pid
+  pid=$(cat "$FERRY_STATE_DIR/pids/$1" 2>/dev/null) || return 1
+  [ -r "/proc/$pid/stat" ] && [ "$(awk '{print $3}' "/proc/$pid/stat")" != Z ]
+}
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_for() { # what, seconds, command...
   local what=$1 secs=$2; shift 2
@@ -83,6 +88,7 @@ done
 step "demo: table public.orders in database demo, pipe 'demo'"
 psql_ -d postgres -c "select 1 from pg_database where datname = 'demo'" | grep -q 1 || psql_ -c 'create database demo'
 psql_ -d demo <<'SQL'
+set client_min_messages = warning;
 create table if not exists orders (
   id bigint primary key, customer text not null, amount numeric(12,2), created_at timestamptz default now());
 insert into orders (id, customer, amount)
