@@ -1,0 +1,217 @@
+//! Postgres `numeric` (binary, base-10000 digits) → ClickHouse Decimal as a scaled integer of
+//! up to 256 bits, exact, rounding half away from zero when the source has more fractional
+//! digits than the column's scale (as Postgres's own casts do).
+
+/// A signed 256-bit integer: magnitude in little-endian 64-bit limbs, and a sign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct I256 {
+    limbs: [u64; 4],
+    negative: bool,
+}
+
+impl I256 {
+    pub(crate) const ZERO: Self = Self {
+        limbs: [0; 4],
+        negative: false,
+    };
+
+    fn mul_add(&mut self, factor: u64, add: u64) -> Result<(), String> {
+        let mut carry = u128::from(add);
+        for limb in &mut self.limbs {
+            let product = u128::from(*limb) * u128::from(factor) + carry;
+            *limb = product as u64;
+            carry = product >> 64;
+        }
+        if carry != 0 {
+            return Err("numeric value too large for Decimal(76)".into());
+        }
+        Ok(())
+    }
+
+    /// Divides the magnitude in place; returns the remainder.
+    fn div_rem(&mut self, divisor: u64) -> u64 {
+        let mut remainder: u128 = 0;
+        for limb in self.limbs.iter_mut().rev() {
+            let current = (remainder << 64) | u128::from(*limb);
+            *limb = (current / u128::from(divisor)) as u64;
+            remainder = current % u128::from(divisor);
+        }
+        remainder as u64
+    }
+
+    fn is_zero(&self) -> bool {
+        self.limbs == [0; 4]
+    }
+
+    /// Whether the value fits a two's-complement integer of `width` bytes.
+    pub(crate) fn fits_in_bytes(&self, width: usize) -> bool {
+        let bits = width * 8 - 1;
+        // Magnitude must be < 2^bits (ignoring the one extra negative value, never needed here).
+        self.limbs.iter().enumerate().all(|(i, limb)| {
+            let low = i * 64;
+            if low >= bits {
+                *limb == 0
+            } else if low + 64 > bits {
+                limb >> (bits - low) == 0
+            } else {
+                true
+            }
+        })
+    }
+
+    /// Two's complement, little endian, 32 bytes.
+    pub(crate) fn to_le_bytes(self) -> [u8; 32] {
+        let mut limbs = self.limbs;
+        if self.negative && !self.is_zero() {
+            let mut carry = 1u64;
+            for limb in &mut limbs {
+                let (sum, overflow) = (!*limb).overflowing_add(carry);
+                *limb = sum;
+                carry = u64::from(overflow);
+            }
+        }
+        let mut out = [0u8; 32];
+        for (i, limb) in limbs.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&limb.to_le_bytes());
+        }
+        out
+    }
+}
+
+const NUMERIC_POS: u16 = 0x0000;
+const NUMERIC_NEG: u16 = 0x4000;
+
+/// Decodes a binary numeric scaled to `scale` fractional digits. `None` for NaN and ±Infinity.
+pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Option<I256>, String> {
+    let word = |i: usize| -> Result<u16, String> {
+        bytes
+            .get(i * 2..i * 2 + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| format!("truncated numeric ({} bytes)", bytes.len()))
+    };
+    let ndigits = usize::from(word(0)?);
+    let weight = i64::from(word(1)? as i16);
+    let sign = word(2)?;
+    if bytes.len() != 8 + 2 * ndigits {
+        return Err(format!(
+            "numeric with {ndigits} digits has {} bytes",
+            bytes.len()
+        ));
+    }
+    let negative = match sign {
+        NUMERIC_POS => false,
+        NUMERIC_NEG => true,
+        // 0xC000 NaN, 0xD000 +Infinity, 0xF000 -Infinity.
+        0xC000 | 0xD000 | 0xF000 => return Ok(None),
+        other => return Err(format!("bad numeric sign {other:#x}")),
+    };
+    let mut value = I256 {
+        limbs: [0; 4],
+        negative,
+    };
+    for i in 0..ndigits {
+        let digit = word(4 + i)?;
+        if digit >= 10_000 {
+            return Err(format!("bad numeric digit {digit}"));
+        }
+        value.mul_add(10_000, u64::from(digit))?;
+    }
+    // value = digits × 10000^(weight - ndigits + 1); we want it × 10^scale.
+    let exponent = 4 * (weight - ndigits as i64 + 1) + i64::from(scale);
+    if exponent >= 0 {
+        if !value.is_zero() {
+            for _ in 0..exponent {
+                value.mul_add(10, 0)?;
+            }
+        }
+    } else {
+        // The last division drops the most significant of the dropped digits, which alone
+        // decides rounding half away from zero. 256 bits hold fewer than 80 digits, so more
+        // divisions would only drop zeros.
+        let mut remainder = 0;
+        for _ in 0..(-exponent).min(80) {
+            remainder = value.div_rem(10);
+        }
+        if remainder >= 5 {
+            value.mul_add(1, 1)?;
+        }
+    }
+    Ok(Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Postgres's numeric_send for a decimal string (test helper).
+    fn pg(text: &str) -> Vec<u8> {
+        let negative = text.starts_with('-');
+        let text = text.trim_start_matches('-');
+        let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+        let dscale = frac.len();
+        let pad_int = (4 - int.len() % 4) % 4;
+        let pad_frac = (4 - frac.len() % 4) % 4;
+        let digits_text = format!("{}{int}{frac}{}", "0".repeat(pad_int), "0".repeat(pad_frac));
+        let digits: Vec<u16> = digits_text
+            .as_bytes()
+            .chunks(4)
+            .map(|c| std::str::from_utf8(c).unwrap().parse().unwrap())
+            .collect();
+        let weight = (int.len() + pad_int) as i16 / 4 - 1;
+        let mut out = Vec::new();
+        out.extend_from_slice(&(digits.len() as u16).to_be_bytes());
+        out.extend_from_slice(&weight.to_be_bytes());
+        out.extend_from_slice(&(if negative { NUMERIC_NEG } else { NUMERIC_POS }).to_be_bytes());
+        out.extend_from_slice(&(dscale as u16).to_be_bytes());
+        for d in digits {
+            out.extend_from_slice(&d.to_be_bytes());
+        }
+        out
+    }
+
+    fn scaled(text: &str, scale: u32) -> i128 {
+        let v = from_pg_numeric(&pg(text), scale).unwrap().unwrap();
+        i128::from_le_bytes(v.to_le_bytes()[..16].try_into().unwrap())
+    }
+
+    #[test]
+    fn values() {
+        assert_eq!(scaled("0", 2), 0);
+        assert_eq!(scaled("12.34", 2), 1234);
+        assert_eq!(scaled("-12.34", 4), -123_400);
+        assert_eq!(scaled("10000", 0), 10_000);
+        assert_eq!(scaled("0.0001", 4), 1);
+        assert_eq!(scaled("123456789.123456789", 9), 123_456_789_123_456_789);
+        assert_eq!(scaled("1.005", 2), 101); // half away from zero
+        assert_eq!(scaled("-1.005", 2), -101);
+        assert_eq!(scaled("1.004", 2), 100);
+    }
+
+    #[test]
+    fn special_values_and_garbage() {
+        for sign in [0xC000u16, 0xD000, 0xF000] {
+            let mut b = vec![0, 0, 0, 0];
+            b.extend_from_slice(&sign.to_be_bytes());
+            b.extend_from_slice(&[0, 0]);
+            assert_eq!(from_pg_numeric(&b, 2).unwrap(), None);
+        }
+        assert!(from_pg_numeric(&[0, 1, 0, 0, 0, 0, 0, 0], 0).is_err());
+        assert!(from_pg_numeric(&[0, 1, 0, 0, 0, 0, 0, 0, 0x27, 0x10], 0).is_err());
+        assert!(from_pg_numeric(&[], 0).is_err());
+        // 80 nines: too large for 256 bits.
+        assert!(from_pg_numeric(&pg(&"9".repeat(80)), 0).is_err());
+    }
+
+    #[test]
+    fn widths() {
+        let v = from_pg_numeric(&pg("99999.9999"), 4).unwrap().unwrap();
+        assert!(v.fits_in_bytes(4));
+        let v = from_pg_numeric(&pg("999999.9999"), 4).unwrap().unwrap();
+        assert!(!v.fits_in_bytes(4) && v.fits_in_bytes(8));
+        let max38 = "9".repeat(38);
+        let v = from_pg_numeric(&pg(&max38), 0).unwrap().unwrap();
+        assert!(v.fits_in_bytes(16));
+        let v = from_pg_numeric(&pg(&"9".repeat(76)), 0).unwrap().unwrap();
+        assert!(!v.fits_in_bytes(16) && v.fits_in_bytes(32));
+    }
+}
