@@ -42,6 +42,32 @@ pub struct Adjustments {
     pub nulled: u64,
 }
 
+/// Whether `column` must be read from Postgres cast to `text` (`text[]` for arrays): its
+/// ClickHouse column holds Postgres's text form, and its binary form is something else
+/// (jsonb's version byte, inet's address family, interval's fields, ...). Types whose binary
+/// form is already their text are read as they are, which keeps `char(n)` padding.
+pub fn wants_text(column: &ColumnSchema, options: MappingOptions) -> bool {
+    let kind = value_kind(column, options);
+    let oid = if column.element_type_oid != 0 {
+        column.element_type_oid
+    } else {
+        column.type_oid
+    };
+    let text_kind = match &kind {
+        ValueKind::Array(element) => **element == ValueKind::Text,
+        other => *other == ValueKind::Text,
+    };
+    text_kind
+        && !matches!(
+            oid,
+            crate::types::oid::TEXT
+                | crate::types::oid::VARCHAR
+                | crate::types::oid::BPCHAR
+                | crate::types::oid::NAME
+                | crate::types::oid::JSON
+        )
+}
+
 /// Writes one column's values.
 #[derive(Debug, Clone)]
 struct ColumnPlan {
