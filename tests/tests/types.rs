@@ -252,7 +252,7 @@ async fn every_type_survives_the_snapshot_path_value_for_value() {
         String::from_utf8(tsv.to_vec())
             .unwrap()
             .lines()
-            .map(|line| serde_json_lite(line))
+            .map(serde_json_lite)
             .collect()
     };
     assert_eq!(ch_rows.len(), pg_rows.len());
