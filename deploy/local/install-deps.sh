@@ -31,7 +31,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # The Debian postgresql package starts a cluster of its own; Ferry runs its own servers, so
   # keep the packaged one from starting.
   as_root sh -c 'mkdir -p /etc/postgresql-common && [ -f /etc/postgresql-common/createcluster.conf ] || echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf'
-  as_root apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  as_root apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold "${need_apt[@]}" >/dev/null
   # etcd-server enables a system service on port 2379; Ferry starts its own members.
   if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
     as_root systemctl disable --now etcd >/dev/null 2>&1 || true

@@ -14,7 +14,7 @@ die() { echo "error: $*" >&2; exit 1; }
 bash deploy/local/install-deps.sh
 step "building Ferry"
 cargo build --bins --quiet
-bin="$repo/target/debug"
+bin="${CARGO_TARGET_DIR:-$repo/target}/debug"
 py="$repo/.tools/venv/bin/python"
 grpcurl="$repo/.tools/venv/bin/grpcurl"
 mkdir -p "$FERRY_STATE_DIR"/{logs,pids}
@@ -82,7 +82,7 @@ start snapshot-worker "$FERRY_SNAPSHOT_WORKER_PORT" "$bin/ferry-snapshot-worker"
 start cdc-worker "$FERRY_CDC_WORKER_PORT" "$bin/ferry-cdc-worker" \
   --listen "127.0.0.1:$FERRY_CDC_WORKER_PORT" --worker-id local-cdc
 for port in "$FERRY_COORDINATOR_PORT" "$FERRY_SNAPSHOT_WORKER_PORT" "$FERRY_CDC_WORKER_PORT"; do
-  wait_for "service on $port" 30 sh -c "'$grpcurl' -plaintext 127.0.0.1:$port grpc.health.v1.Health/Check | grep -q SERVING"
+  wait_for "service on $port" 30 sh -c "'$grpcurl' -plaintext 127.0.0.1:$port grpc.health.v1.Health/Check | grep -q '\"SERVING\"'"
 done
 
 step "demo: table public.orders in database demo, pipe 'demo'"

@@ -14,6 +14,7 @@ use ferry_testkit::ferry::{Ferry, Service};
 use ferry_testkit::wait;
 use tonic::Code;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const TTL: u64 = 3;
 
@@ -121,10 +122,7 @@ async fn health_and_reflection_v1_and_v1alpha_on_every_service() {
         (&cdc, "ferry.v1.WorkerService"),
     ] {
         service.wait_serving(READY).await.unwrap();
-        assert_eq!(
-            service.health(name).await,
-            Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
-        );
+        assert_eq!(service.health(name).await, Some(ServingStatus::Serving));
         // v1
         let mut v1 =
             tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
@@ -510,7 +508,7 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
 
     // The coordinator dies before any worker can take the pipe, and comes back.
     coordinator.process().kill9();
-    let mut coordinator = start_coordinator(&ferry, "c1-restarted").await;
+    let coordinator = start_coordinator(&ferry, "c1-restarted").await;
     let mut client = coordinator.pipe_client().await.unwrap();
     assert_eq!(
         state_of(&mut client, "orders").await,
@@ -577,8 +575,10 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
         let text = String::from_utf8_lossy(value);
         assert!(!text.contains("s3cret"), "plaintext secret under {key}");
     }
-    let log = std::fs::read_to_string(coordinator.process().log()).unwrap();
-    assert!(!log.contains("s3cret"), "secret in the coordinator log");
+    assert!(
+        !ferry.all_logs().contains("s3cret"),
+        "a secret reached a log"
+    );
 
     // ListPipes filters by state; DeletePipe removes a pipe that never replicated.
     let listed = client
@@ -680,8 +680,46 @@ async fn a_three_member_etcd_losing_one_member_keeps_ferry_working() {
     let store = ferry.store().await.unwrap();
     let leader = election::current_leader(&store).await.unwrap().unwrap();
     assert_eq!(leader.coordinator_id, "c1");
-    assert_eq!(
-        coordinator.health("").await,
-        Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
-    );
+    assert_eq!(coordinator.health("").await, Some(ServingStatus::Serving));
+}
+
+#[tokio::test]
+async fn health_is_serving_only_while_etcd_holds_the_registration() {
+    let mut etcd = Etcd::start().await.unwrap();
+    let ferry = Ferry::new(etcd.endpoints(), TTL).unwrap();
+    let worker = ferry.worker(WorkerKind::Cdc, "w").unwrap();
+    let coordinator = start_coordinator(&ferry, "c").await;
+    worker.wait_serving(READY).await.unwrap();
+
+    // etcd goes away: both report NOT_SERVING once their sessions lapse.
+    etcd.kill_member(0);
+    for service in [&worker, &coordinator] {
+        let down = wait::until(Duration::from_secs(TTL * 3), || async {
+            (service.health("").await == Some(ServingStatus::NotServing)).then_some(())
+        })
+        .await;
+        assert!(
+            down.is_some(),
+            "{} kept reporting SERVING without etcd",
+            service.id
+        );
+    }
+
+    // It comes back: both register again and serve.
+    etcd.restart_member(0).await.unwrap();
+    worker.wait_serving(READY).await.unwrap();
+    coordinator.wait_serving(READY).await.unwrap();
+
+    // A process that never reached etcd never claims to serve.
+    let nowhere = Ferry::new(
+        vec![format!(
+            "http://127.0.0.1:{}",
+            ferry_testkit::free_port().unwrap()
+        )],
+        TTL,
+    )
+    .unwrap();
+    let lonely = nowhere.worker(WorkerKind::Snapshot, "lonely").unwrap();
+    let answered = wait::until(READY, || async { lonely.health("").await }).await;
+    assert_eq!(answered, Some(ServingStatus::NotServing));
 }

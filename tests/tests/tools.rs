@@ -52,7 +52,7 @@ async fn grpcurl_lists_checks_health_and_creates_a_pipe() {
         let mut check = Command::new(grpcurl());
         check.args(["-plaintext", &service.addr, "grpc.health.v1.Health/Check"]);
         let out = run(check).await;
-        assert!(text(&out).contains("SERVING"), "{}", text(&out));
+        assert!(text(&out).contains("\"SERVING\""), "{}", text(&out));
     }
 
     let mut create = Command::new(grpcurl());

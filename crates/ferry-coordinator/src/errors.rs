@@ -2,6 +2,7 @@
 
 use ferry_core::lifecycle::IllegalTransition;
 use ferry_core::spec::InvalidSpec;
+use ferry_server::telemetry::error_chain;
 use ferry_store::StoreError;
 use tonic::Status;
 use tracing::warn;
@@ -35,16 +36,4 @@ pub(crate) fn invalid_spec(error: &InvalidSpec) -> Status {
 /// FAILED_PRECONDITION for an event the pipe's state does not allow.
 pub(crate) fn illegal(pipe: &str, error: &IllegalTransition) -> Status {
     Status::failed_precondition(format!("pipe {pipe}: {error}"))
-}
-
-/// An error and its sources on one line.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use ferry_coordinator::api::PipeApi;
-use ferry_coordinator::{leadership, reconcile};
+use ferry_coordinator::api::{ApiContext, PipeApi};
+use ferry_coordinator::leadership::{self, Campaign, Deposed};
+use ferry_coordinator::reconcile;
 use ferry_proto::v1::CoordinatorLeader;
 use ferry_proto::v1::pipe_service_server::PipeServiceServer;
 use ferry_server::config::{EtcdArgs, ListenArgs, SecretKeyArgs};
@@ -45,10 +46,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(&args.log);
     let secret_key = args.secret.load()?;
-    let me = args.coordinator_id.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
+    let me = args
+        .coordinator_id
+        .clone()
+        .unwrap_or_else(ferry_server::config::default_instance_id);
     let store = Store::connect(&args.etcd.store_config()).await?;
     let listener = TcpListener::bind(args.listen.listen)
         .await
@@ -57,10 +58,20 @@ async fn main() -> anyhow::Result<()> {
 
     let (stop, shutdown) = Shutdown::new();
     let (fence_tx, fence) = watch::channel(None);
-    let api = PipeApi::new(store.clone(), secret_key, me.clone(), fence.clone());
+    let deposed = Deposed::default();
+    let api = PipeApi::new(
+        store.clone(),
+        secret_key,
+        ApiContext {
+            me: me.clone(),
+            fence: fence.clone(),
+            deposed: deposed.clone(),
+            shutdown: shutdown.clone(),
+        },
+    );
     let (health_tx, health_rx) = oneshot::channel();
     let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(grpc::serve(
+    let mut server = tokio::spawn(grpc::serve(
         listener,
         Routes::new(PipeServiceServer::new(api)),
         "ferry.v1.PipeService",
@@ -75,27 +86,36 @@ async fn main() -> anyhow::Result<()> {
         address: args.listen.advertised(),
         elected_at: None,
     };
-    let leading = tokio::spawn(leadership::run(
-        store.clone(),
-        identity,
-        args.etcd.lease_ttl(),
-        fence_tx,
+    let leading = tokio::spawn(leadership::run(Campaign {
+        store: store.clone(),
+        me: identity,
+        ttl: args.etcd.lease_ttl(),
+        fence: fence_tx,
+        deposed: deposed.clone(),
         health,
-        shutdown.clone(),
-    ));
+        shutdown: shutdown.clone(),
+    }));
     let reconciling = tokio::spawn(reconcile::run(
         store,
         fence,
+        deposed,
         Duration::from_secs(args.reconcile_interval_secs),
         shutdown.clone(),
     ));
 
-    shutdown::signal().await;
+    // Run until a signal, or until the server dies (then leadership must not linger).
+    let server_result = tokio::select! {
+        _ = shutdown::signal() => None,
+        result = &mut server => Some(result),
+    };
     stop.send_replace(true);
     // Resign and revoke first, so a follower takes over while this process drains.
     let _ = leading.await;
     let _ = reconciling.await;
-    server.await??;
+    match server_result {
+        Some(result) => result??,
+        None => server.await??,
+    }
     info!(coordinator = %me, "coordinator stopped");
     Ok(())
 }

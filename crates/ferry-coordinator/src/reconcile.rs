@@ -14,13 +14,15 @@ use ferry_store::watch::PrefixWatch;
 use ferry_store::{Fence, PipeRecord, Store, StoreError};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use crate::errors::error_chain;
-use crate::leadership::LeaderFence;
+use ferry_server::telemetry::error_chain;
+
+use crate::leadership::{Deposed, LeaderFence};
 
 /// Runs reconciliation whenever this replica leads, until shutdown.
 pub async fn run(
     store: Store,
     mut fence: LeaderFence,
+    deposed: Deposed,
     resync_interval: Duration,
     shutdown: Shutdown,
 ) {
@@ -29,8 +31,9 @@ pub async fn run(
         match current {
             Some(leader) => {
                 tokio::select! {
-                    // Fenced: the leadership loop notices the lost session and clears the fence.
+                    // Fenced: the leadership loop steps down and clears the fence.
                     _ = lead(&store, &leader, resync_interval) => {
+                        deposed.report();
                         tokio::select! {
                             changed = fence.changed() => if changed.is_err() { return },
                             _ = shutdown.requested() => return,

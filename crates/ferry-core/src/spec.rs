@@ -330,6 +330,10 @@ fn check_host(host: &str) -> Result<(), String> {
     if host.is_empty() {
         return Err("must not be empty".into());
     }
+    // Checked before anything echoes the value: `user:password@host` must not be repeated.
+    if host.contains('@') {
+        return Err("must be a host name or address, without user or password".into());
+    }
     if host.contains("://") {
         return Err(format!(
             "must be a host name or address, not a URL, got {host:?}"
@@ -364,6 +368,12 @@ fn check_http_url(url: &str) -> Result<(), String> {
     if url.is_empty() {
         return Err("must not be empty; e.g. http://127.0.0.1:8123".into());
     }
+    // Checked before anything echoes the value: credentials must not be repeated in errors.
+    if url.contains('@') {
+        return Err(
+            "must not contain credentials; put the password in secrets.destination_password".into(),
+        );
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("is not a valid URL ({e}): {url:?}"))?;
@@ -374,12 +384,6 @@ fn check_http_url(url: &str) -> Result<(), String> {
     let Some(authority) = uri.authority() else {
         return Err(format!("has no host: {url:?}"));
     };
-    // Credentials in the URL would be stored and shown in plaintext.
-    if authority.as_str().contains('@') {
-        return Err(
-            "must not contain credentials; put the password in secrets.destination_password".into(),
-        );
-    }
     if authority.host().is_empty() {
         return Err(format!("has no host: {url:?}"));
     }
@@ -499,12 +503,27 @@ mod tests {
             "",
             "ch:8123",
             "http://u:p@ch:8123",
+            "clickhouse://u:p@ch",
             "http://ch:8123/db",
             "http://ch:8123/?x=1",
             "tcp://ch",
         ] {
             assert!(check_http_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn credentials_are_never_echoed() {
+        for url in [
+            "clickhouse://u:pw@h",
+            "http://u:pw@h:8123",
+            "not a url u:pw@h",
+        ] {
+            let err = check_http_url(url).unwrap_err();
+            assert!(!err.contains("pw"), "{err}");
+        }
+        let err = check_host("u:pw@db").unwrap_err();
+        assert!(!err.contains("pw"), "{err}");
     }
 
     #[test]

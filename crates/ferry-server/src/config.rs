@@ -117,3 +117,14 @@ impl SecretKeyArgs {
         })
     }
 }
+
+/// `<hostname>-<pid>`: a default id for a process that was given none.
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "ferry" } else { host },
+        std::process::id()
+    )
+}

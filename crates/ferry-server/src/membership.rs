@@ -14,6 +14,29 @@ use tracing::{info, warn};
 
 use crate::grpc::Health;
 use crate::shutdown::Shutdown;
+use crate::telemetry::error_chain;
+
+/// Starts an etcd session, retrying with backoff until it succeeds or shutdown is requested.
+pub async fn start_session(store: &Store, ttl: Duration, shutdown: &Shutdown) -> Option<Session> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let started = tokio::select! {
+            started = Session::start(store, ttl) => started,
+            _ = shutdown.requested() => return None,
+        };
+        match started {
+            Ok(session) => return Some(session),
+            Err(error) => {
+                warn!(error = %error_chain(&error), "cannot start etcd session; retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.requested() => return None,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
 
 /// The registration as currently published, if it is.
 pub type Registered = watch::Receiver<Option<WorkerRegistration>>;
@@ -29,27 +52,16 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let mut backoff = Duration::from_millis(200);
-    while !shutdown.is_requested() {
-        let session = tokio::select! {
-            session = Session::start(&store, ttl) => session,
-            _ = shutdown.requested() => break,
-        };
-        let session = match session {
-            Ok(session) => session,
-            Err(error) => {
-                warn!(%error, "cannot start etcd session; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.requested() => break,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
+    while let Some(session) = start_session(&store, ttl, &shutdown).await {
         registration.lease_id = session.lease_id();
         if let Err(error) = store.register_worker(&session, &registration).await {
-            warn!(%error, "cannot register worker; retrying");
+            warn!(error = %error_chain(&error), "cannot register worker; retrying");
             let _ = session.revoke().await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.requested() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
             continue;
         }
         backoff = Duration::from_millis(200);
@@ -67,7 +79,7 @@ pub async fn run(
                 health.set(false).await;
                 match session.revoke().await {
                     Ok(()) => info!(worker = %registration.worker_id, "worker deregistered"),
-                    Err(error) => warn!(%error, "cannot revoke lease; it expires after its TTL"),
+                    Err(error) => warn!(error = %error_chain(&error), "cannot revoke lease; it expires after its TTL"),
                 }
                 return;
             }

@@ -42,3 +42,15 @@ pub fn init(args: &LogArgs) {
             .init(),
     }
 }
+
+/// An error and its sources on one line, for logs (`Display` of most errors omits the cause).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

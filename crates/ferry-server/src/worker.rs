@@ -61,7 +61,10 @@ pub enum WorkerError {
 /// Runs a worker of `kind` until SIGTERM/SIGINT: serves gRPC at once (NOT_SERVING until
 /// registered), keeps its registration live, and deregisters on the way out.
 pub async fn run(kind: WorkerKind, args: WorkerArgs) -> Result<(), WorkerError> {
-    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    let worker_id = args
+        .worker_id
+        .clone()
+        .unwrap_or_else(crate::config::default_instance_id);
     let listener = TcpListener::bind(args.listen.listen)
         .await
         .map_err(|source| WorkerError::Bind {
@@ -86,7 +89,7 @@ pub async fn run(kind: WorkerKind, args: WorkerArgs) -> Result<(), WorkerError> 
         registered: registered.clone(),
     }));
     let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(grpc::serve(
+    let mut server = tokio::spawn(grpc::serve(
         listener,
         routes,
         "ferry.v1.WorkerService",
@@ -107,27 +110,25 @@ pub async fn run(kind: WorkerKind, args: WorkerArgs) -> Result<(), WorkerError> 
         }
         Err(_) => None,
     };
-    tokio::select! {
-        _ = shutdown::signal() => {}
-        _ = shutdown.requested() => {}
-    }
+    // Run until a signal, or until the server dies (a worker must not stay registered then).
+    let server_result = tokio::select! {
+        _ = shutdown::signal() => None,
+        result = &mut server => Some(result),
+    };
     stop.send_replace(true);
     if let Some(membership) = membership {
         let _ = membership.await;
     }
-    match server.await {
+    let server_result = match server_result {
+        Some(result) => result,
+        None => server.await,
+    };
+    match server_result {
         Ok(result) => result?,
         Err(join) => info!(%join, "server task ended abnormally"),
     }
     info!(worker = %worker_id, "worker stopped");
     Ok(())
-}
-
-fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "worker".into());
-    format!("{host}-{}", std::process::id())
 }
 
 /// `ferry.v1.WorkerService`: what this worker is and holds.

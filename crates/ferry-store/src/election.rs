@@ -65,7 +65,8 @@ impl Leadership {
             return Err(StoreError::LeaseLost);
         }
         let name = store.keys().election();
-        let mut client = store.client();
+        // Campaign blocks until elected: it must not carry the unary request deadline.
+        let mut client = store.stream_client();
         let campaign = client.campaign(name, me.encode_to_vec(), session.lease_id());
         let response = tokio::select! {
             response = campaign => response?,

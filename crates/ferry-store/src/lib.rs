@@ -40,7 +40,11 @@ pub struct EtcdConfig {
 /// A connection to etcd plus the key layout: the handle every Ferry process uses.
 #[derive(Clone)]
 pub struct Store {
+    /// For unary requests: every call carries the configured deadline.
     client: EtcdClient,
+    /// For long-lived calls (campaign, watch, lease keepalive), which a per-request deadline
+    /// would cancel mid-flight.
+    streams: EtcdClient,
     keys: Keys,
 }
 
@@ -49,14 +53,16 @@ impl Store {
     /// malformed endpoints; an unreachable etcd shows up as retryable errors on use, which lets
     /// a service start, report NOT_SERVING, and recover when etcd comes back.
     pub async fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
-        let options = etcd_client::ConnectOptions::new()
+        let streaming = etcd_client::ConnectOptions::new()
             .with_connect_timeout(config.request_timeout)
-            .with_timeout(config.request_timeout)
             .with_keep_alive(Duration::from_secs(5), config.request_timeout)
             .with_keep_alive_while_idle(true);
-        let client = EtcdClient::connect(&config.endpoints, Some(options)).await?;
+        let unary = streaming.clone().with_timeout(config.request_timeout);
+        let client = EtcdClient::connect(&config.endpoints, Some(unary)).await?;
+        let streams = EtcdClient::connect(&config.endpoints, Some(streaming)).await?;
         Ok(Self {
             client,
+            streams,
             keys: Keys::new(&config.prefix),
         })
     }
@@ -94,21 +100,42 @@ impl Store {
         }
     }
 
-    /// A handle on the underlying client (cheap: clones share one channel).
+    /// A handle on the underlying client for unary requests (cheap: clones share one channel).
     pub fn client(&self) -> EtcdClient {
         self.client.clone()
     }
+
+    /// A client without per-request deadline, for calls that block or stream.
+    pub(crate) fn stream_client(&self) -> EtcdClient {
+        self.streams.clone()
+    }
 }
 
-/// Whether a failed request may be retried: it certainly did not reach etcd, or it is a read.
+/// Whether a failed request may be retried: it certainly did not reach etcd (the connection
+/// was refused), or it is idempotent and failed for a transient reason.
 fn not_delivered(error: &etcd_client::Error, idempotent: bool) -> bool {
     match error {
         etcd_client::Error::GRpcStatus(status) if status.code() == tonic::Code::Unavailable => {
-            idempotent || status.message().contains("connect")
+            idempotent || connection_refused(status)
         }
-        etcd_client::Error::TransportError(_) => idempotent,
+        etcd_client::Error::TransportError(transport) => {
+            idempotent || connection_refused(transport)
+        }
         _ => false,
     }
+}
+
+fn connection_refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 impl std::fmt::Debug for Store {

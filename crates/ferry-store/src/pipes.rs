@@ -45,9 +45,26 @@ fn decode<M: Message + Default>(key: &[u8], value: &[u8]) -> Result<M, StoreErro
 struct Partial {
     spec: Option<(PipeSpec, i64)>,
     status: Option<(PipeStatus, i64)>,
+    broken: bool,
 }
 
 impl Partial {
+    /// Takes in the value of `pipes/<pipe>/<rest>` if it is the spec or the status.
+    fn absorb(
+        &mut self,
+        rest: &str,
+        key: &[u8],
+        value: &[u8],
+        revision: i64,
+    ) -> Result<(), StoreError> {
+        match rest {
+            "spec" => self.spec = Some((decode(key, value)?, revision)),
+            "status" => self.status = Some((decode(key, value)?, revision)),
+            _ => {}
+        }
+        Ok(())
+    }
+
     fn finish(self) -> Option<PipeRecord> {
         let (spec, spec_revision) = self.spec?;
         let (status, status_revision) = self.status?;
@@ -78,16 +95,15 @@ impl Store {
                 continue;
             };
             let entry = partial.entry(pipe.to_owned()).or_default();
-            match rest {
-                "spec" => entry.spec = Some((decode(kv.key(), kv.value())?, kv.mod_revision())),
-                "status" => {
-                    entry.status = Some((decode(kv.key(), kv.value())?, kv.mod_revision()));
-                }
-                _ => {}
+            // One undecodable pipe must not hide (or stall reconciling) all the others.
+            if let Err(error) = entry.absorb(rest, kv.key(), kv.value(), kv.mod_revision()) {
+                tracing::warn!(pipe, %error, "skipping pipe with an undecodable record");
+                entry.broken = true;
             }
         }
         let pipes = partial
             .into_iter()
+            .filter(|(_, p)| !p.broken)
             .filter_map(|(name, p)| p.finish().map(|record| (name, record)))
             .collect();
         Ok(PipeListing { pipes, revision })
@@ -95,6 +111,11 @@ impl Store {
 
     /// One pipe, or `None` if it does not exist.
     pub async fn get_pipe(&self, pipe: &str) -> Result<Option<PipeRecord>, StoreError> {
+        Ok(self.get_pipe_at(pipe).await?.0)
+    }
+
+    /// One pipe and the etcd revision it was read at (watch from `revision + 1`).
+    pub async fn get_pipe_at(&self, pipe: &str) -> Result<(Option<PipeRecord>, i64), StoreError> {
         let keys = self.keys();
         let txn = Txn::new().and_then([
             TxnOp::get(keys.pipe_spec(pipe), None),
@@ -106,19 +127,19 @@ impl Store {
                 async move { c.txn(txn).await }
             })
             .await?;
+        let revision = response.header().map_or(0, |h| h.revision());
         let mut partial = Partial::default();
         for op in response.op_responses() {
             if let etcd_client::TxnOpResponse::Get(get) = op {
                 for kv in get.kvs() {
-                    if kv.key().ends_with(b"/spec") {
-                        partial.spec = Some((decode(kv.key(), kv.value())?, kv.mod_revision()));
-                    } else {
-                        partial.status = Some((decode(kv.key(), kv.value())?, kv.mod_revision()));
+                    let key = display_key(kv.key());
+                    if let Some((_, rest)) = self.keys().split_pipe_key(&key) {
+                        partial.absorb(rest, kv.key(), kv.value(), kv.mod_revision())?;
                     }
                 }
             }
         }
-        Ok(partial.finish())
+        Ok((partial.finish(), revision))
     }
 
     /// The sealed secrets of a pipe.

@@ -33,8 +33,19 @@ pub struct Session {
     lease_id: i64,
     ttl: Duration,
     state: watch::Receiver<SessionState>,
-    keepalive: JoinHandle<()>,
+    keepalive: KeepaliveTask,
     store: Store,
+}
+
+/// The keepalive task, aborted when its owner goes away (also if `Session::start` is
+/// cancelled before it returns), so no task renews a lease nobody uses.
+#[derive(Debug)]
+struct KeepaliveTask(JoinHandle<()>);
+
+impl Drop for KeepaliveTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Session {
@@ -46,7 +57,13 @@ impl Session {
         let granted_at = Instant::now();
         let lease_id = store.client().lease_grant(ttl_secs, None).await?.id();
         let (tx, mut state) = watch::channel(SessionState::Alive);
-        let keepalive = tokio::spawn(keep_alive(store.client(), lease_id, ttl, granted_at, tx));
+        let keepalive = KeepaliveTask(tokio::spawn(keep_alive(
+            store.stream_client(),
+            lease_id,
+            ttl,
+            granted_at,
+            tx,
+        )));
         // Wait for the first renewal (or loss); the channel's initial value does not count.
         let first = state.changed().await;
         if first.is_err() || *state.borrow() == SessionState::Lost {
@@ -92,16 +109,10 @@ impl Session {
     /// Stops the keepalive and revokes the lease, deleting every key bound to it now rather
     /// than after the TTL.
     pub async fn revoke(self) -> Result<(), StoreError> {
-        self.keepalive.abort();
+        self.keepalive.0.abort();
         self.store.client().lease_revoke(self.lease_id).await?;
         info!(lease = self.lease_id, "etcd session revoked");
         Ok(())
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.keepalive.abort();
     }
 }
 
@@ -180,6 +191,8 @@ async fn keep_alive(
                 warn!(lease = lease_id, "lease not renewed in time; session lost");
                 break;
             }
+            // Nobody holds the session any more.
+            _ = state.closed() => return,
         };
         let deadline = renewed_at + ttl - margin;
         if Instant::now() >= deadline {

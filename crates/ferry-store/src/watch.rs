@@ -58,19 +58,20 @@ impl PrefixWatch {
         self.next_revision
     }
 
-    /// Waits for the next batch of events. Transport errors are retried with backoff inside;
-    /// the only errors returned are [`StoreError::Compacted`] and decode-free etcd refusals.
+    /// Waits for the next batch of events. Broken connections are reopened with backoff from
+    /// the next revision; errors returned are [`StoreError::Compacted`] (re-list, then watch
+    /// again) and watches etcd cancelled for another reason (e.g. permissions).
     pub async fn next(&mut self) -> Result<Vec<WatchEvent>, StoreError> {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.try_next().await {
-                Ok(Some(events)) if !events.is_empty() => return Ok(events),
+                Ok(events) if !events.is_empty() => return Ok(events),
                 Ok(_) => {}
-                Err(StoreError::Compacted(at)) => {
+                Err(Interrupted::Final(error)) => {
                     self.stream = None;
-                    return Err(StoreError::Compacted(at));
+                    return Err(error);
                 }
-                Err(error) => {
+                Err(Interrupted::Retry(error)) => {
                     warn!(prefix = %self.prefix, %error, "watch interrupted; resuming");
                     self.stream = None;
                     tokio::time::sleep(backoff).await;
@@ -80,7 +81,7 @@ impl PrefixWatch {
         }
     }
 
-    async fn try_next(&mut self) -> Result<Option<Vec<WatchEvent>>, StoreError> {
+    async fn try_next(&mut self) -> Result<Vec<WatchEvent>, Interrupted> {
         let stream = match &mut self.stream {
             Some(stream) => stream,
             None => {
@@ -90,25 +91,39 @@ impl PrefixWatch {
                     .with_progress_notify();
                 let stream = self
                     .store
-                    .client()
+                    .stream_client()
                     .watch(self.prefix.clone(), Some(options))
-                    .await?;
+                    .await
+                    .map_err(|e| Interrupted::Retry(e.into()))?;
                 debug!(prefix = %self.prefix, revision = self.next_revision, "watch opened");
                 self.stream.insert(stream)
             }
         };
-        let Some(response) = stream.message().await? else {
-            return Err(etcd_client::Error::WatchError("watch stream ended".into()).into());
+        let response = match stream.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => {
+                let ended = etcd_client::Error::WatchError("watch stream ended".into());
+                return Err(Interrupted::Retry(ended.into()));
+            }
+            Err(e) => return Err(Interrupted::Retry(e.into())),
         };
         if response.compact_revision() > 0 {
-            return Err(StoreError::Compacted(response.compact_revision()));
+            return Err(Interrupted::Final(StoreError::Compacted(
+                response.compact_revision(),
+            )));
         }
         if response.canceled() {
-            return Err(etcd_client::Error::WatchError(format!(
-                "watch canceled: {}",
-                response.cancel_reason()
-            ))
-            .into());
+            let reason = format!("watch canceled: {}", response.cancel_reason());
+            return Err(Interrupted::Final(
+                etcd_client::Error::WatchError(reason).into(),
+            ));
+        }
+        // Progress notifications carry no events but prove the revision reached: resuming
+        // from there after a reconnect keeps an idle watch clear of compaction.
+        if response.events().is_empty()
+            && let Some(header) = response.header()
+        {
+            self.next_revision = self.next_revision.max(header.revision() + 1);
         }
         let mut events = Vec::with_capacity(response.events().len());
         for event in response.events() {
@@ -127,6 +142,14 @@ impl PrefixWatch {
                 },
             });
         }
-        Ok(Some(events))
+        Ok(events)
     }
+}
+
+/// Why a watch stream stopped.
+enum Interrupted {
+    /// The connection broke: reopen from the next revision.
+    Retry(StoreError),
+    /// etcd ended the watch for good.
+    Final(StoreError),
 }

@@ -43,13 +43,19 @@ impl Store {
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
-        response
+        // An undecodable registration (a newer or broken worker) is skipped, not fatal.
+        Ok(response
             .kvs()
             .iter()
-            .map(|kv| {
-                WorkerRegistration::decode(kv.value()).map_err(|e| StoreError::decode(kv.key(), e))
+            .filter_map(|kv| match WorkerRegistration::decode(kv.value()) {
+                Ok(registration) => Some(registration),
+                Err(error) => {
+                    let key = String::from_utf8_lossy(kv.key());
+                    tracing::warn!(%key, %error, "skipping undecodable worker registration");
+                    None
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// Whether a worker's registration is present right now.

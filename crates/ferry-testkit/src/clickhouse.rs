@@ -49,7 +49,7 @@ impl ClickHouse {
         let addr = format!("127.0.0.1:{port}");
         // Importing chdb takes a few seconds on a cold cache.
         let ready = wait::until(Duration::from_secs(60), || async {
-            wait::port_open(&addr).await.then_some(())
+            ping(&addr).await.then_some(())
         })
         .await;
         ready.ok_or_else(|| KitError::NotReady {
@@ -73,4 +73,22 @@ impl ClickHouse {
     pub fn log(&self) -> PathBuf {
         self.dir.path().join("clickhouse.log")
     }
+}
+
+/// Whether the server at `addr` answers `GET /ping` with `Ok.` (a real answer, not an open port).
+async fn ping(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    if stream
+        .write_all(b"GET /ping HTTP/1.0\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
+    answer.ends_with(b"Ok.\n")
 }

@@ -102,9 +102,13 @@ impl Etcd {
     }
 
     async fn wait_ready(&self, i: usize) -> Result<(), KitError> {
-        let addr = format!("127.0.0.1:{}", self.members[i].client_port);
+        // A real request, not just an open port: the port could belong to someone else.
+        let endpoint = self.members[i].endpoint();
         let ready = wait::until(Duration::from_secs(20), || async {
-            wait::port_open(&addr).await.then_some(())
+            let mut client = etcd_client::Client::connect([endpoint.as_str()], None)
+                .await
+                .ok()?;
+            client.status().await.ok().map(|_| ())
         })
         .await;
         ready.ok_or_else(|| KitError::NotReady {

@@ -64,6 +64,19 @@ impl Ferry {
         })
     }
 
+    /// Everything every service of this test logged so far.
+    pub fn all_logs(&self) -> String {
+        let mut all = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|e| e == "log") {
+                    all.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+                }
+            }
+        }
+        all
+    }
+
     /// The secret key file the services use.
     pub fn key_file(&self) -> &PathBuf {
         &self.key_file

@@ -25,7 +25,12 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A command for a server binary: as the `postgres` user when we are root (initdb refuses root).
+/// The user server binaries must run as: `postgres` when we are root (initdb refuses root).
+fn server_user() -> Option<&'static str> {
+    is_root().then_some("postgres")
+}
+
+/// A command for a setup binary (initdb), as [`server_user`].
 fn server_command(program: &str) -> Command {
     let path = Path::new(BIN).join(program);
     if is_root() {
@@ -64,7 +69,7 @@ impl Postgres {
         ]);
         run(initdb)?;
         let port = free_port()?;
-        let mut postgres = server_command("postgres");
+        let mut postgres = Command::new(Path::new(BIN).join("postgres"));
         postgres
             .arg("-D")
             .arg(&data)
@@ -88,7 +93,7 @@ impl Postgres {
             postgres.args(["-c", setting]);
         }
         let log = dir.path().join("postgres.log");
-        let process = ChildProcess::spawn("postgres", postgres, &log)?;
+        let process = ChildProcess::spawn_as("postgres", postgres, &log, server_user())?;
         let pg = Self {
             port,
             dir,

@@ -64,8 +64,45 @@ pub struct ChildProcess {
 }
 
 impl ChildProcess {
-    /// Spawns `command` in its own process group, stdout and stderr appended to `log`.
-    pub fn spawn(name: &str, mut command: Command, log: &Path) -> Result<Self, KitError> {
+    /// Spawns `program args…` in its own process group, stdout and stderr appended to `log`.
+    ///
+    /// The child runs under `setpriv --pdeathsig KILL`, so it is killed by the kernel if the
+    /// test process dies without running destructors (a nextest timeout, Ctrl-C). The signal
+    /// fires when the spawning *thread* exits: spawn from the test's own thread (what async
+    /// tests do), not from a short-lived blocking-pool thread.
+    pub fn spawn(name: &str, command: Command, log: &Path) -> Result<Self, KitError> {
+        Self::spawn_as(name, command, log, None)
+    }
+
+    /// As [`ChildProcess::spawn`], running the program as `user` (for servers that refuse root).
+    pub fn spawn_as(
+        name: &str,
+        command: Command,
+        log: &Path,
+        user: Option<&str>,
+    ) -> Result<Self, KitError> {
+        let mut wrapped = Command::new("setpriv");
+        if let Some(user) = user {
+            wrapped.args([
+                format!("--reuid={user}"),
+                format!("--regid={user}"),
+                "--init-groups".into(),
+            ]);
+        }
+        wrapped
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(command.get_program())
+            .args(command.get_args());
+        if let Some(dir) = command.get_current_dir() {
+            wrapped.current_dir(dir);
+        }
+        for (key, value) in command.get_envs() {
+            match value {
+                Some(value) => wrapped.env(key, value),
+                None => wrapped.env_remove(key),
+            };
+        }
+        let mut command = wrapped;
         let out = File::options().create(true).append(true).open(log)?;
         let err = out.try_clone()?;
         command
@@ -140,13 +177,18 @@ impl ChildProcess {
 
     fn signal_group(&self, signal: &str) {
         if let Some(pid) = self.pid() {
-            let _ = Command::new("kill")
-                .args([&format!("-{signal}"), "--", &format!("-{pid}")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            kill_group(pid, signal);
         }
     }
+}
+
+/// Sends `signal` to the process group led by `pid`.
+fn kill_group(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{signal}"), "--", &format!("-{pid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 impl Drop for ChildProcess {

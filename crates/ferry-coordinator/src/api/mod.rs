@@ -22,8 +22,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::errors::{error_chain, illegal, invalid_spec, store_status};
-use crate::leadership::LeaderFence;
+use ferry_server::shutdown::Shutdown;
+use ferry_server::telemetry::error_chain;
+
+use crate::errors::{illegal, invalid_spec, store_status};
+use crate::leadership::{Deposed, LeaderFence};
 use route::{Route, Router};
 
 /// How often a write retries after losing a compare-and-swap to a concurrent change.
@@ -40,19 +43,44 @@ struct Inner {
     store: Store,
     secret_key: SecretKey,
     router: Router,
+    deposed: Deposed,
+    shutdown: Shutdown,
+}
+
+/// What the API needs besides etcd and the key.
+#[derive(Debug)]
+pub struct ApiContext {
+    /// This replica's id.
+    pub me: String,
+    /// The current leadership's fence, if leading.
+    pub fence: LeaderFence,
+    /// Where fenced writes are reported.
+    pub deposed: Deposed,
+    /// Ends open watches on shutdown.
+    pub shutdown: Shutdown,
 }
 
 impl PipeApi {
-    /// An API for coordinator `me`, writing when `fence` holds a leadership.
-    pub fn new(store: Store, secret_key: SecretKey, me: String, fence: LeaderFence) -> Self {
-        let router = Router::new(me, fence, store.clone());
+    /// An API writing when `context.fence` holds a leadership.
+    pub fn new(store: Store, secret_key: SecretKey, context: ApiContext) -> Self {
+        let router = Router::new(context.me, context.fence, store.clone());
         Self {
             inner: Arc::new(Inner {
                 store,
                 secret_key,
                 router,
+                deposed: context.deposed,
+                shutdown: context.shutdown,
             }),
         }
+    }
+
+    /// Maps a store error of a leader write; a fenced write means this replica was deposed.
+    fn write_error(&self, error: StoreError) -> Status {
+        if matches!(error, StoreError::Fenced) {
+            self.inner.deposed.report();
+        }
+        store_status(error)
     }
 
     fn store(&self) -> &Store {
@@ -70,8 +98,8 @@ impl PipeApi {
 
     /// Checks that `event` applies to the pipe now, for operations a later issue implements:
     /// the caller learns whether the request is valid even before the feature exists.
-    async fn not_yet(&self, name: &str, event: PipeEvent, feature: &str) -> Result<Pipe, Status> {
-        let record = self.existing(name).await?;
+    fn not_yet(record: &PipeRecord, event: PipeEvent, feature: &str) -> Result<Pipe, Status> {
+        let name = &record.spec.name;
         lifecycle::next_state(record.status.state(), record.spec.mode(), event)
             .map_err(|e| illegal(name, &e))?;
         Err(Status::unimplemented(format!(
@@ -127,7 +155,7 @@ impl PipeService for PipeApi {
                     "spec.name: a pipe named {} already exists",
                     spec.name
                 )),
-                other => store_status(other),
+                other => self.write_error(other),
             })?;
         info!(pipe = %spec.name, mode = spec.mode().as_str_name(), tables = spec.tables.len(), "pipe created");
         Ok(Response::new(CreatePipeResponse {
@@ -171,9 +199,20 @@ impl PipeService for PipeApi {
         &self,
         request: Request<WatchPipeRequest>,
     ) -> Result<Response<Self::WatchPipeStream>, Status> {
-        let record = self.existing(&request.get_ref().name).await?;
+        let name = &request.get_ref().name;
+        check_pipe_name(name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        let (record, revision) = self.store().get_pipe_at(name).await.map_err(store_status)?;
+        let record =
+            record.ok_or_else(|| Status::not_found(format!("pipe {name} does not exist")))?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(watch::stream(self.store().clone(), record, tx));
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(watch::stream(
+            self.store().clone(),
+            record,
+            revision,
+            tx,
+            shutdown,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -210,7 +249,7 @@ impl PipeService for PipeApi {
                     }));
                 }
                 Err(StoreError::Conflict { .. }) => continue,
-                Err(other) => return Err(store_status(other)),
+                Err(other) => return Err(self.write_error(other)),
             }
         }
         Err(Status::aborted(format!(
@@ -222,13 +261,8 @@ impl PipeService for PipeApi {
         &self,
         request: Request<PausePipeRequest>,
     ) -> Result<Response<PausePipeResponse>, Status> {
-        let pipe = self
-            .not_yet(
-                &request.get_ref().name,
-                PipeEvent::PauseRequested,
-                "pausing (CDC)",
-            )
-            .await?;
+        let record = self.existing(&request.get_ref().name).await?;
+        let pipe = Self::not_yet(&record, PipeEvent::PauseRequested, "pausing (CDC)")?;
         Ok(Response::new(PausePipeResponse { pipe: Some(pipe) }))
     }
 
@@ -236,13 +270,8 @@ impl PipeService for PipeApi {
         &self,
         request: Request<ResumePipeRequest>,
     ) -> Result<Response<ResumePipeResponse>, Status> {
-        let pipe = self
-            .not_yet(
-                &request.get_ref().name,
-                PipeEvent::ResumeRequested,
-                "resuming (CDC)",
-            )
-            .await?;
+        let record = self.existing(&request.get_ref().name).await?;
+        let pipe = Self::not_yet(&record, PipeEvent::ResumeRequested, "resuming (CDC)")?;
         Ok(Response::new(ResumePipeResponse { pipe: Some(pipe) }))
     }
 
@@ -250,13 +279,8 @@ impl PipeService for PipeApi {
         &self,
         request: Request<ResyncPipeRequest>,
     ) -> Result<Response<ResyncPipeResponse>, Status> {
-        let pipe = self
-            .not_yet(
-                &request.get_ref().name,
-                PipeEvent::ResyncRequested,
-                "resync",
-            )
-            .await?;
+        let record = self.existing(&request.get_ref().name).await?;
+        let pipe = Self::not_yet(&record, PipeEvent::ResyncRequested, "resync")?;
         Ok(Response::new(ResyncPipeResponse { pipe: Some(pipe) }))
     }
 
@@ -267,9 +291,7 @@ impl PipeService for PipeApi {
         let AddTablesRequest { name, tables } = request.into_inner();
         let record = self.existing(&name).await?;
         spec::normalize_added_tables(tables, &record.spec.tables).map_err(|e| invalid_spec(&e))?;
-        let pipe = self
-            .not_yet(&name, PipeEvent::ModifyRequested, "adding tables")
-            .await?;
+        let pipe = Self::not_yet(&record, PipeEvent::ModifyRequested, "adding tables")?;
         Ok(Response::new(AddTablesResponse { pipe: Some(pipe) }))
     }
 
@@ -300,9 +322,7 @@ impl PipeService for PipeApi {
                 "pipe {name} would have no tables left; delete the pipe instead"
             )));
         }
-        let pipe = self
-            .not_yet(&name, PipeEvent::ModifyRequested, "removing tables")
-            .await?;
+        let pipe = Self::not_yet(&record, PipeEvent::ModifyRequested, "removing tables")?;
         Ok(Response::new(RemoveTablesResponse { pipe: Some(pipe) }))
     }
 
@@ -351,7 +371,7 @@ impl PipeService for PipeApi {
                     }));
                 }
                 Err(StoreError::Conflict { .. }) => continue,
-                Err(other) => return Err(store_status(other)),
+                Err(other) => return Err(self.write_error(other)),
             }
         }
         warn!(pipe = %name, "delete kept conflicting");

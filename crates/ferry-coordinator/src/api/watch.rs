@@ -4,6 +4,7 @@
 //! and the watch is missed, and every status change is delivered (not only the latest).
 
 use ferry_proto::v1::{PipeSpec, PipeStatus, WatchPipeResponse};
+use ferry_server::shutdown::Shutdown;
 use ferry_store::watch::{PrefixWatch, WatchEvent};
 use ferry_store::{PipeRecord, Store, StoreError};
 use prost::Message as _;
@@ -18,7 +19,9 @@ use crate::errors::store_status;
 pub(crate) async fn stream(
     store: Store,
     mut record: PipeRecord,
+    read_at: i64,
     tx: mpsc::Sender<Result<WatchPipeResponse, Status>>,
+    shutdown: Shutdown,
 ) {
     let name = record.spec.name.clone();
     let first = WatchPipeResponse {
@@ -30,13 +33,17 @@ pub(crate) async fn stream(
     }
     let keys = store.keys().clone();
     let (spec_key, status_key) = (keys.pipe_spec(&name), keys.pipe_status(&name));
-    let start = record.status_revision.max(record.spec_revision) + 1;
-    let mut watch = PrefixWatch::new(&store, keys.pipe(&name), start);
+    let mut watch = PrefixWatch::new(&store, keys.pipe(&name), read_at + 1);
     loop {
         let events = tokio::select! {
             events = watch.next() => events,
             _ = tx.closed() => {
                 debug!(pipe = %name, "watcher left");
+                return;
+            }
+            // An open watch must not hold up a graceful shutdown.
+            _ = shutdown.requested() => {
+                let _ = tx.send(Err(Status::unavailable("coordinator shutting down; watch again"))).await;
                 return;
             }
         };
