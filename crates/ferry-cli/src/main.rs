@@ -118,6 +118,9 @@ struct SettingsArgs {
     /// Tables copied at once.
     #[arg(long)]
     parallel_tables: Option<i64>,
+    /// Use destination tables that already hold rows.
+    #[arg(long)]
+    allow_non_empty_destination: Option<bool>,
 }
 
 impl SettingsArgs {
@@ -130,6 +133,7 @@ impl SettingsArgs {
             snapshot_rows_per_partition: self.rows_per_partition,
             snapshot_parallel_partitions: self.parallel_partitions,
             snapshot_parallel_tables: self.parallel_tables,
+            allow_non_empty_destination: self.allow_non_empty_destination,
         }
     }
 }

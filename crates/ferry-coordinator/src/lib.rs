@@ -10,3 +10,5 @@ pub mod api;
 mod errors;
 pub mod leadership;
 pub mod reconcile;
+mod setup;
+mod snapshot;

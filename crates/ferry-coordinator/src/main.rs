@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
     let deposed = Deposed::default();
     let api = PipeApi::new(
         store.clone(),
-        secret_key,
+        secret_key.clone(),
         ApiContext {
             me: me.clone(),
             fence: fence.clone(),
@@ -95,13 +95,13 @@ async fn main() -> anyhow::Result<()> {
         health,
         shutdown: shutdown.clone(),
     }));
-    let reconciling = tokio::spawn(reconcile::run(
+    let reconciler = reconcile::Reconciler {
         store,
-        fence,
-        deposed,
-        Duration::from_secs(args.reconcile_interval_secs),
-        shutdown.clone(),
-    ));
+        key: secret_key,
+        me: me.clone(),
+        resync_interval: Duration::from_secs(args.reconcile_interval_secs),
+    };
+    let reconciling = tokio::spawn(reconcile::run(reconciler, fence, deposed, shutdown.clone()));
 
     // Run until a signal, or until the server dies (then leadership must not linger).
     let server_result = tokio::select! {

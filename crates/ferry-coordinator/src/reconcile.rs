@@ -1,63 +1,127 @@
 //! Level-triggered reconciliation: the leader compares every pipe's stored state with what
-//! exists (workers, resources) and takes the next step. It runs on gaining leadership, after
-//! every change under the prefix, and every `resync_interval` regardless, so a missed watch
-//! event or a restart can delay a step but never strand a pipe.
+//! exists (workers, resources, snapshot progress) and takes the next step. It runs on gaining
+//! leadership, after every change under the prefix, and every `resync_interval` regardless, so
+//! a missed watch event or a restart can delay a step but never strand a pipe.
+//!
+//! Steps that talk to Postgres or ClickHouse (Setup, holding the exported snapshot, cleanup on
+//! delete) run as per-pipe tasks so one slow source cannot hold up the others; they belong to
+//! the leadership and are aborted with it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use ferry_core::lifecycle::{self, PipeEvent, has_started_replicating};
+use ferry_core::lifecycle::{self, PipeEvent};
+use ferry_core::secret::SecretKey;
 use ferry_core::{PipeMode, PipeState, WorkerKind};
 use ferry_proto::v1::WorkerRegistration;
 use ferry_server::shutdown::Shutdown;
+use ferry_server::telemetry::error_chain;
 use ferry_store::watch::PrefixWatch;
 use ferry_store::{Fence, PipeRecord, Store, StoreError};
+use tokio::task::JoinHandle;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use ferry_server::telemetry::error_chain;
-
 use crate::leadership::{Deposed, LeaderFence};
+use crate::setup::{self, SetupContext};
+use crate::snapshot;
+
+/// What reconciliation works with.
+#[derive(Debug, Clone)]
+pub struct Reconciler {
+    /// etcd.
+    pub store: Store,
+    /// Opens pipe secrets for Setup, the snapshot holder and cleanup.
+    pub key: SecretKey,
+    /// This coordinator's id (recorded as the exported snapshot's holder).
+    pub me: String,
+    /// Seconds between full passes, on top of watch-triggered ones.
+    pub resync_interval: Duration,
+}
 
 /// Runs reconciliation whenever this replica leads, until shutdown.
 pub async fn run(
-    store: Store,
+    reconciler: Reconciler,
     mut fence: LeaderFence,
     deposed: Deposed,
-    resync_interval: Duration,
     shutdown: Shutdown,
 ) {
     loop {
         let current = fence.borrow_and_update().clone();
-        match current {
-            Some(leader) => {
-                tokio::select! {
-                    // Fenced: the leadership loop steps down and clears the fence.
-                    _ = lead(&store, &leader, resync_interval) => {
-                        deposed.report();
-                        tokio::select! {
-                            changed = fence.changed() => if changed.is_err() { return },
-                            _ = shutdown.requested() => return,
-                        }
-                    }
-                    changed = fence.changed() => if changed.is_err() { return },
-                    _ = shutdown.requested() => return,
+        if let Some(leader) = current {
+            tokio::select! {
+                // Fenced: ask the leadership loop to step down, then wait for the next fence.
+                _ = lead(&reconciler, &leader) => deposed.report(),
+                changed = fence.changed() => {
+                    if changed.is_err() { return }
+                    continue;
                 }
+                _ = shutdown.requested() => return,
             }
-            None => {
-                tokio::select! {
-                    changed = fence.changed() => if changed.is_err() { return },
-                    _ = shutdown.requested() => return,
-                }
+        }
+        tokio::select! {
+            changed = fence.changed() => if changed.is_err() { return },
+            _ = shutdown.requested() => return,
+        }
+    }
+}
+
+/// What a per-pipe task does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Job {
+    Setup,
+    HoldSnapshot,
+    Cleanup,
+}
+
+/// Per-pipe tasks of this leadership; dropping the set aborts them all.
+#[derive(Debug, Default)]
+struct Tasks(HashMap<(String, Job), JoinHandle<()>>);
+
+impl Tasks {
+    /// Starts `job` for `pipe` unless it is already running.
+    fn ensure(&mut self, pipe: &str, job: Job, work: impl Future<Output = ()> + Send + 'static) {
+        let key = (pipe.to_owned(), job);
+        if self.0.get(&key).is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let span = info_span!("job", pipe = %pipe, job = ?job);
+        self.0.insert(key, tokio::spawn(work.instrument(span)));
+    }
+
+    fn stop(&mut self, pipe: &str, job: Job) {
+        if let Some(task) = self.0.remove(&(pipe.to_owned(), job)) {
+            task.abort();
+        }
+    }
+
+    /// Aborts the tasks of pipes that no longer exist.
+    fn retain_pipes(&mut self, live: &BTreeMap<String, PipeRecord>) {
+        self.0.retain(|(pipe, _), task| {
+            let keep = live.contains_key(pipe);
+            if !keep {
+                task.abort();
             }
+            keep
+        });
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
         }
     }
 }
 
 /// Reconciles while leading. Returns only if the leadership is found fenced.
-async fn lead(store: &Store, fence: &Fence, resync_interval: Duration) {
+async fn lead(reconciler: &Reconciler, fence: &Fence) {
+    let store = &reconciler.store;
+    let mut tasks = Tasks::default();
     let mut watch: Option<PrefixWatch> = None;
     loop {
-        match reconcile_all(store, fence).await {
+        match reconcile_all(reconciler, fence, &mut tasks).await {
             Ok(revision) => {
                 let prefix = format!("{}/", store.keys().prefix());
                 watch.get_or_insert_with(|| PrefixWatch::new(store, prefix, revision + 1));
@@ -68,7 +132,7 @@ async fn lead(store: &Store, fence: &Fence, resync_interval: Duration) {
             }
             Err(error) => warn!(error = %error_chain(&error), "reconcile failed; will retry"),
         }
-        let periodic = tokio::time::sleep(resync_interval);
+        let periodic = tokio::time::sleep(reconciler.resync_interval);
         let changed = match watch.as_mut() {
             Some(w) => tokio::select! {
                 changed = w.next() => Some(changed),
@@ -87,15 +151,24 @@ async fn lead(store: &Store, fence: &Fence, resync_interval: Duration) {
 }
 
 /// One pass over every pipe. Returns the revision the pass read at.
-async fn reconcile_all(store: &Store, fence: &Fence) -> Result<i64, StoreError> {
+async fn reconcile_all(
+    reconciler: &Reconciler,
+    fence: &Fence,
+    tasks: &mut Tasks,
+) -> Result<i64, StoreError> {
+    let store = &reconciler.store;
     let listing = store.list_pipes().await?;
+    tasks.retain_pipes(&listing.pipes);
     let workers = Workers::read(store).await?;
+    let ctx = SetupContext {
+        store: store.clone(),
+        fence: fence.clone(),
+        key: reconciler.key.clone(),
+    };
     for (name, record) in &listing.pipes {
         let span = info_span!("reconcile", pipe = %name);
-        match reconcile_pipe(store, fence, record, &workers)
-            .instrument(span)
-            .await
-        {
+        let step = reconcile_pipe(reconciler, &ctx, record, &workers, tasks).instrument(span);
+        match step.await {
             Ok(()) => {}
             Err(StoreError::Fenced) => return Err(StoreError::Fenced),
             // Someone else moved the pipe since the listing; the watch brings us back.
@@ -139,24 +212,27 @@ fn needed_kinds(mode: PipeMode) -> Vec<WorkerKind> {
 }
 
 async fn reconcile_pipe(
-    store: &Store,
-    fence: &Fence,
+    reconciler: &Reconciler,
+    ctx: &SetupContext,
     record: &PipeRecord,
     workers: &Workers,
+    tasks: &mut Tasks,
 ) -> Result<(), StoreError> {
     let name = &record.spec.name;
-    let mode = record.spec.mode();
-    match record.status.state() {
+    let state = record.status.state();
+    if state != PipeState::Snapshot {
+        tasks.stop(name, Job::HoldSnapshot);
+    }
+    match state {
         PipeState::Provisioning => {
-            let missing: Vec<_> = needed_kinds(mode)
+            let missing = needed_kinds(record.spec.mode())
                 .into_iter()
-                .filter(|kind| workers.of(*kind).iter().all(|w| w.capacity == 0))
-                .collect();
-            if !missing.is_empty() {
-                debug!(?missing, "waiting for workers");
+                .any(|kind| workers.of(kind).iter().all(|w| w.capacity == 0));
+            if missing {
+                debug!("waiting for workers");
                 return Ok(());
             }
-            let available: Vec<String> = needed_kinds(mode)
+            let available: Vec<String> = needed_kinds(record.spec.mode())
                 .into_iter()
                 .map(|kind| {
                     let ids: Vec<&str> = workers
@@ -172,29 +248,76 @@ async fn reconcile_pipe(
                 })
                 .collect();
             let reason = format!("workers available: {}", available.join("; "));
-            transition(store, fence, record, PipeEvent::WorkersReady, reason).await
+            transition(ctx, record, PipeEvent::WorkersReady, reason).await
         }
-        PipeState::Deleting if !has_started_replicating(record.status.previous_state()) => {
-            // Nothing exists outside etcd yet: removing the keys is the whole cleanup.
-            store
-                .delete_pipe(fence, name, record.status_revision)
-                .await?;
-            info!(pipe = %name, "pipe deleted");
+        PipeState::Setup => {
+            let (ctx, record) = (ctx.clone(), record.clone());
+            tasks.ensure(name, Job::Setup, async move {
+                if let Err(error) = setup::run(ctx, record).await {
+                    warn!(error = %error_chain(&error), "setup interrupted; the next pass retries");
+                }
+            });
+            Ok(())
+        }
+        PipeState::Snapshot => {
+            let (holder_ctx, holder_record, me) =
+                (ctx.clone(), record.clone(), reconciler.me.clone());
+            tasks.ensure(
+                name,
+                Job::HoldSnapshot,
+                snapshot::hold(holder_ctx, holder_record, me),
+            );
+            snapshot::advance(ctx, record).await
+        }
+        PipeState::Deleting => {
+            tasks.stop(name, Job::Setup);
+            let (ctx, record) = (ctx.clone(), record.clone());
+            tasks.ensure(name, Job::Cleanup, async move {
+                if let Err(error) = cleanup(&ctx, &record).await {
+                    warn!(error = %error_chain(&error), "cleanup interrupted; the next pass retries");
+                }
+            });
             Ok(())
         }
         state => {
             debug!(
                 state = lifecycle::state_name(state),
-                "no coordinator step for this state yet"
+                "no coordinator step for this state"
             );
             Ok(())
         }
     }
 }
 
-async fn transition(
-    store: &Store,
-    fence: &Fence,
+/// Drops what the pipe created in Postgres, then its keys. If the source cannot be reached
+/// the pipe stays in Deleting with the reason shown, and the next pass tries again: a slot
+/// left behind would pin WAL on the source forever.
+async fn cleanup(ctx: &SetupContext, record: &PipeRecord) -> Result<(), StoreError> {
+    let name = &record.spec.name;
+    if let Err(problem) = setup::release_source(ctx, record).await {
+        let reason = format!(
+            "cannot drop the pipe's replication slot or publication yet ({}); retrying",
+            error_chain(&problem)
+        );
+        if record.status.reason != reason {
+            let mut status = record.status.clone();
+            status.reason = reason;
+            ctx.store
+                .put_pipe_status(&ctx.fence, name, record.status_revision, &status)
+                .await?;
+        }
+        return Ok(());
+    }
+    ctx.store
+        .delete_pipe(&ctx.fence, name, record.status_revision)
+        .await?;
+    info!(pipe = %name, "pipe deleted");
+    Ok(())
+}
+
+/// Applies `event` to the pipe's status and writes it (compare-and-swap).
+pub(crate) async fn transition(
+    ctx: &SetupContext,
     record: &PipeRecord,
     event: PipeEvent,
     reason: String,
@@ -215,8 +338,8 @@ async fn transition(
             return Ok(());
         }
     };
-    store
-        .put_pipe_status(fence, name, record.status_revision, &status)
+    ctx.store
+        .put_pipe_status(&ctx.fence, name, record.status_revision, &status)
         .await?;
     info!(
         pipe = %name,

@@ -143,15 +143,6 @@ pub fn initial_status(now: SystemTime) -> PipeStatus {
     status
 }
 
-/// Whether `state` means the pipe holds (or may hold) a replication slot or other source
-/// resources that deleting must release.
-pub fn has_started_replicating(state: PipeState) -> bool {
-    !matches!(
-        state,
-        PipeState::Unspecified | PipeState::Provisioning | PipeState::Setup
-    )
-}
-
 /// Lower-case human name of a state ("provisioning", "running", ...).
 pub fn state_name(state: PipeState) -> &'static str {
     match state {
@@ -386,14 +377,5 @@ mod tests {
         .unwrap();
         assert_eq!(deleting.error, None);
         assert!(apply(&deleting, PipeMode::CdcOnly, E::WorkersReady, "", None, t1).is_err());
-    }
-
-    #[test]
-    fn only_provisioning_and_setup_have_not_started() {
-        let not_started: Vec<_> = STATES
-            .into_iter()
-            .filter(|s| !has_started_replicating(*s))
-            .collect();
-        assert_eq!(not_started, [S::Unspecified, S::Provisioning, S::Setup]);
     }
 }

@@ -163,6 +163,7 @@ fn defaults() -> PipeSettings {
         snapshot_rows_per_partition: Some(DEFAULT_ROWS_PER_PARTITION),
         snapshot_parallel_partitions: Some(DEFAULT_PARALLEL_PARTITIONS),
         snapshot_parallel_tables: Some(DEFAULT_PARALLEL_TABLES),
+        allow_non_empty_destination: Some(false),
     }
 }
 
@@ -323,6 +324,9 @@ fn merge_settings(
             current.snapshot_parallel_tables,
             MAX_PARALLELISM,
         ),
+        allow_non_empty_destination: update
+            .allow_non_empty_destination
+            .or(current.allow_non_empty_destination),
     }
 }
 

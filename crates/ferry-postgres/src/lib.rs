@@ -9,7 +9,9 @@
 pub mod connection;
 pub mod copy;
 mod error;
+pub mod replication;
 pub mod schema;
+pub mod snapshot;
 pub mod validate;
 
 pub use error::SourceError;

@@ -56,6 +56,36 @@ impl Keys {
         format!("{}tables/{table}", self.pipe(pipe))
     }
 
+    /// `pipes/<pipe>/tables/`: every table's recorded state.
+    pub fn pipe_tables(&self, pipe: &str) -> String {
+        format!("{}tables/", self.pipe(pipe))
+    }
+
+    /// `pipes/<pipe>/snapshot/`: the snapshot plan of every table.
+    pub fn snapshot_partitions(&self, pipe: &str) -> String {
+        format!("{}snapshot/", self.pipe(pipe))
+    }
+
+    /// `pipes/<pipe>/snapshot/<schema.table>/<index>` (index zero-padded so keys sort).
+    pub fn snapshot_partition(&self, pipe: &str, table: &str, index: u32) -> String {
+        format!("{}{table}/{index:05}", self.snapshot_partitions(pipe))
+    }
+
+    /// `pipes/<pipe>/resources`: source objects Ferry created and must drop on delete.
+    pub fn pipe_resources(&self, pipe: &str) -> String {
+        format!("{}resources", self.pipe(pipe))
+    }
+
+    /// `pipes/<pipe>/exported_snapshot`: the snapshot partitions import.
+    pub fn exported_snapshot(&self, pipe: &str) -> String {
+        format!("{}exported_snapshot", self.pipe(pipe))
+    }
+
+    /// `owners/snapshot/<pipe>/<schema.table>/<index>`: a worker's claim on a partition.
+    pub fn snapshot_owner(&self, pipe: &str, table: &str, index: u32) -> String {
+        format!("{}{table}/{index:05}", self.snapshot_owners(pipe))
+    }
+
     /// `workers/<kind>/`: registrations of one worker pool.
     pub fn workers(&self, kind: WorkerKind) -> String {
         format!("{}/workers/{}/", self.prefix, kind_segment(kind))

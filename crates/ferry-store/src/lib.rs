@@ -13,6 +13,7 @@ mod error;
 pub mod keys;
 pub mod pipes;
 pub mod session;
+pub mod snapshot;
 pub mod watch;
 pub mod workers;
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use ferry_core::PipeState;
-use ferry_core::lifecycle::{self, PipeEvent, has_started_replicating};
+use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::naming::check_pipe_name;
 use ferry_core::secret::SecretKey;
 use ferry_core::spec::{self, source_table_name};
@@ -341,12 +341,6 @@ impl PipeService for PipeApi {
                 return Ok(Response::new(DeletePipeResponse {
                     pipe: Some(to_proto(&record)),
                 }));
-            }
-            if has_started_replicating(state) {
-                return Err(Status::unimplemented(format!(
-                    "pipe {name} is in state {}: deleting a pipe that holds a replication slot is not available in this Ferry version",
-                    lifecycle::state_name(state)
-                )));
             }
             let status = lifecycle::apply(
                 &record.status,

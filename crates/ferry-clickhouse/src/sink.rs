@@ -1,0 +1,210 @@
+//! The destination: a ClickHouse server over HTTP (the `clickhouse` crate).
+
+use bytes::Bytes;
+use clickhouse::Client;
+use ferry_proto::v1::{ClickHouseDestination, TableSchema};
+
+use crate::ddl::{self, DdlError, IS_DELETED_COLUMN, Ident, VERSION_COLUMN};
+use crate::types::MappingOptions;
+
+/// A ClickHouse failure, phrased for the person who has to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The server refused the credentials.
+    #[error("ClickHouse refused the login of user {user}")]
+    AuthFailed {
+        /// The user.
+        user: String,
+        /// Why.
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    /// The server could not be reached.
+    #[error("cannot reach ClickHouse at {url}")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    /// A statement failed.
+    #[error("ClickHouse {what} failed")]
+    Statement {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    /// A table cannot be created.
+    #[error(transparent)]
+    Ddl(#[from] DdlError),
+}
+
+impl SinkError {
+    /// What the user should do.
+    pub fn remedy(&self) -> String {
+        match self {
+            Self::AuthFailed { .. } => "check the user in spec.destination and the password in secrets.destination_password".into(),
+            Self::Unreachable { .. } => "check spec.destination.url and that the ClickHouse server is up and reachable from Ferry".into(),
+            Self::Statement { .. } => "check the ClickHouse server log; the error text says what it refused".into(),
+            Self::Ddl(DdlError::ReservedColumn { .. }) => "rename the source column; Ferry adds columns named _ferry_*".into(),
+            Self::Ddl(DdlError::NoColumns { .. }) => "add a column to the table or remove it from the pipe".into(),
+        }
+    }
+
+    /// Whether retrying later may succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable { .. })
+    }
+}
+
+/// A connection to the destination database.
+#[derive(Clone)]
+pub struct Sink {
+    client: Client,
+    url: String,
+    user: String,
+    database: String,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+impl Sink {
+    /// A client for `destination`; nothing is sent until used.
+    pub fn new(destination: &ClickHouseDestination, password: &str) -> Self {
+        let client = Client::default()
+            .with_url(&destination.url)
+            .with_user(&destination.user)
+            .with_password(password);
+        Self {
+            client,
+            url: destination.url.clone(),
+            user: destination.user.clone(),
+            database: destination.database.clone(),
+        }
+    }
+
+    fn classify(&self, what: &str, source: clickhouse::error::Error) -> SinkError {
+        let text = source.to_string();
+        if text.contains("Code: 516") || text.contains("AUTHENTICATION_FAILED") {
+            SinkError::AuthFailed {
+                user: self.user.clone(),
+                source,
+            }
+        } else if matches!(
+            source,
+            clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut
+        ) {
+            SinkError::Unreachable {
+                url: self.url.clone(),
+                source,
+            }
+        } else {
+            SinkError::Statement {
+                what: what.to_owned(),
+                source,
+            }
+        }
+    }
+
+    async fn execute(&self, what: &str, sql: &str) -> Result<(), SinkError> {
+        self.client
+            .query(sql)
+            .execute()
+            .await
+            .map_err(|e| self.classify(what, e))
+    }
+
+    /// Proves the server answers and accepts the credentials.
+    pub async fn check(&self) -> Result<(), SinkError> {
+        self.client
+            .query("SELECT 1")
+            .fetch_one::<u8>()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.classify("login check", e))
+    }
+
+    /// Creates the destination database if missing.
+    pub async fn create_database(&self) -> Result<(), SinkError> {
+        self.execute("CREATE DATABASE", &ddl::create_database(&self.database))
+            .await
+    }
+
+    /// Creates `table` for the source `schema` if missing.
+    pub async fn create_table(
+        &self,
+        table: &str,
+        schema: &TableSchema,
+        options: MappingOptions,
+    ) -> Result<(), SinkError> {
+        let sql = ddl::create_table(&self.database, table, schema, options)?;
+        self.execute(&format!("CREATE TABLE {table}"), &sql).await
+    }
+
+    /// Rows in `table`, or `None` if it does not exist.
+    pub async fn row_count(&self, table: &str) -> Result<Option<u64>, SinkError> {
+        let exists = self
+            .client
+            .query("SELECT count() FROM system.tables WHERE database = ? AND name = ?")
+            .bind(&self.database)
+            .bind(table)
+            .fetch_one::<u64>()
+            .await
+            .map_err(|e| self.classify("table lookup", e))?;
+        if exists == 0 {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT count() FROM {}.{}",
+            Ident(&self.database),
+            Ident(table)
+        );
+        let rows = self
+            .client
+            .query(&sql)
+            .fetch_one::<u64>()
+            .await
+            .map_err(|e| self.classify("row count", e))?;
+        Ok(Some(rows))
+    }
+
+    /// The INSERT statement for RowBinary rows of `schema`'s columns plus version and delete
+    /// flag, as [`crate::transcode::RowTranscoder`] writes them.
+    pub fn insert_statement(&self, table: &str, schema: &TableSchema) -> String {
+        let columns: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| Ident(&c.name).to_string())
+            .chain([
+                Ident(VERSION_COLUMN).to_string(),
+                Ident(IS_DELETED_COLUMN).to_string(),
+            ])
+            .collect();
+        format!(
+            "INSERT INTO {}.{} ({}) FORMAT RowBinary",
+            Ident(&self.database),
+            Ident(table),
+            columns.join(", ")
+        )
+    }
+
+    /// Inserts a RowBinary body with `statement` (from [`Sink::insert_statement`]).
+    pub async fn insert(&self, statement: &str, body: Bytes) -> Result<(), SinkError> {
+        let mut insert = self.client.insert_formatted_with(statement.to_owned());
+        insert
+            .send(body)
+            .await
+            .map_err(|e| self.classify("INSERT", e))?;
+        insert.end().await.map_err(|e| self.classify("INSERT", e))
+    }
+}

@@ -1,0 +1,140 @@
+//! Snapshot reads: the partition plan (ctid block ranges), exporting a snapshot, and the COPY
+//! query of one partition.
+
+use ferry_proto::v1::{SnapshotPartition, TableSchema};
+use tokio_postgres::Client;
+
+use crate::SourceError;
+use crate::error::quoted_table;
+
+/// Most partitions one table is split into (PeerDB's cap).
+pub const MAX_PARTITIONS: u64 = 1000;
+
+fn query_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    move |source| SourceError::Query { what, source }
+}
+
+/// Splits a table into ctid block ranges of about `rows_per_partition` rows. A partitioned
+/// table is planned per leaf partition (ctids are per relation). The last range of each
+/// relation is open-ended, so rows in blocks added after planning are still read.
+pub async fn plan(
+    client: &Client,
+    schema: &TableSchema,
+    rows_per_partition: u64,
+) -> Result<Vec<SnapshotPartition>, SourceError> {
+    let source_table = format!("{}.{}", schema.source_schema, schema.source_table);
+    let relations = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, \
+                    (pg_relation_size(c.oid) / current_setting('block_size')::int8)::int8, \
+                    c.reltuples::int8 \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND (c.oid = $1::oid OR c.oid IN \
+               (SELECT relid FROM pg_partition_tree($1::oid::regclass) WHERE isleaf)) \
+             ORDER BY 1",
+            &[&schema.relation_oid],
+        )
+        .await
+        .map_err(query_error("partition planning"))?;
+    let rows_per_partition = rows_per_partition.max(1);
+    let mut plan = Vec::new();
+    for relation in relations {
+        let name: String = relation.get(0);
+        let pages = u64::try_from(relation.get::<_, i64>(1)).unwrap_or(0);
+        let mut rows = relation.get::<_, i64>(2);
+        if rows < 0 && pages > 0 {
+            // Never analyzed: count instead of guessing.
+            let sql = format!("SELECT count(*) FROM ONLY {}", quoted_table(&name));
+            rows = client
+                .query_one(&sql, &[])
+                .await
+                .map_err(query_error("row count"))?
+                .get(0);
+        }
+        let rows = u64::try_from(rows).unwrap_or(0);
+        let count = rows
+            .div_ceil(rows_per_partition)
+            .clamp(1, MAX_PARTITIONS)
+            .min(pages.max(1));
+        let blocks = pages.div_ceil(count).max(1);
+        for i in 0..count {
+            let last = i + 1 == count;
+            plan.push(SnapshotPartition {
+                source_table: source_table.clone(),
+                relation: name.clone(),
+                index: u32::try_from(plan.len()).unwrap_or(u32::MAX),
+                start_block: i * blocks,
+                end_block: if last { 0 } else { (i + 1) * blocks },
+                done: false,
+                rows_copied: 0,
+                rows_estimated: rows / count,
+                worker_id: String::new(),
+            });
+        }
+    }
+    Ok(plan)
+}
+
+/// `COPY (SELECT <select> FROM ONLY <relation> WHERE <ctid range>) TO STDOUT (FORMAT binary)`.
+pub fn copy_query(partition: &SnapshotPartition, select: &[String]) -> String {
+    let mut range = format!("ctid >= '({},0)'::tid", partition.start_block);
+    if partition.end_block > 0 {
+        range.push_str(&format!(" AND ctid < '({},0)'::tid", partition.end_block));
+    }
+    format!(
+        "COPY (SELECT {} FROM ONLY {} WHERE {range}) TO STDOUT (FORMAT binary)",
+        select.join(", "),
+        quoted_table(&partition.relation)
+    )
+}
+
+/// Opens a repeatable-read transaction on `client` and exports its snapshot. The snapshot
+/// lives as long as the transaction: keep the client open and idle while readers import it.
+pub async fn export_snapshot(client: &Client) -> Result<String, SourceError> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await
+        .map_err(query_error("snapshot transaction"))?;
+    let row = client
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(query_error("pg_export_snapshot"))?;
+    Ok(row.get(0))
+}
+
+/// Starts the read transaction of a partition, importing `snapshot` when given. Returns
+/// whether the snapshot was imported: if its holder is gone, Postgres refuses it and the read
+/// proceeds on a fresh snapshot (the copy still converges, see DESIGN.md §4).
+pub async fn begin_read(client: &Client, snapshot: Option<&str>) -> Result<bool, SourceError> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await
+        .map_err(query_error("read transaction"))?;
+    let Some(snapshot) = snapshot else {
+        return Ok(false);
+    };
+    let import = client
+        .execute(
+            &format!(
+                "SET TRANSACTION SNAPSHOT '{}'",
+                snapshot.replace('\'', "''")
+            ),
+            &[],
+        )
+        .await;
+    match import {
+        Ok(_) => Ok(true),
+        Err(error) => {
+            tracing::warn!(%error, snapshot, "exported snapshot is gone; reading a fresh one");
+            client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(query_error("rollback"))?;
+            client
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .await
+                .map_err(query_error("read transaction"))?;
+            Ok(false)
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Setup's records and the snapshot plan: table states, partitions with their claims and
+//! done-marks, and the exported snapshot.
+//!
+//! Partitions are claimed by workers with a key bound to the worker's lease
+//! (`owners/snapshot/…`), created only if absent; a partition is marked done only in a
+//! transaction that proves the claim is still the worker's. A worker that dies loses its claim
+//! with its lease and the partition is claimed again; finished partitions stay done.
+
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+use ferry_proto::v1::{ExportedSnapshot, SnapshotPartition, SourceResources, TableState};
+use prost::Message;
+
+use crate::keys::display_key;
+use crate::{Fence, Session, Store, StoreError};
+
+/// etcd refuses transactions with more operations than this (its default `--max-txn-ops`).
+const MAX_TXN_OPS: usize = 100;
+
+/// A claim on a partition, proven by the claimer's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The owner key.
+    pub key: String,
+    /// The partition key.
+    pub partition_key: String,
+    /// The claimer's lease.
+    pub lease: i64,
+}
+
+impl Store {
+    /// All values under `prefix`, decoded, with their keys and revisions.
+    async fn list<M: Message + Default>(
+        &self,
+        prefix: String,
+    ) -> Result<Vec<(String, M, i64)>, StoreError> {
+        let response = self
+            .request(true, |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let value = M::decode(kv.value()).map_err(|e| StoreError::decode(kv.key(), e))?;
+                Ok((display_key(kv.key()), value, kv.mod_revision()))
+            })
+            .collect()
+    }
+
+    /// Writes `puts` under the fence, in as many transactions as etcd's limit requires.
+    async fn put_fenced(
+        &self,
+        fence: &Fence,
+        puts: Vec<(String, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        for batch in puts.chunks(MAX_TXN_OPS) {
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|(key, value)| TxnOp::put(key.clone(), value.clone(), None))
+                .collect();
+            let txn = Txn::new().when([fence.compare()]).and_then(ops);
+            let response = self
+                .request(false, |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if !response.succeeded() {
+                return Err(StoreError::Fenced);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the state of the pipe's tables (keyed by schema.table).
+    pub async fn put_table_states(
+        &self,
+        fence: &Fence,
+        pipe: &str,
+        states: &[(String, TableState)],
+    ) -> Result<(), StoreError> {
+        let puts = states
+            .iter()
+            .map(|(table, state)| (self.keys().pipe_table(pipe, table), state.encode_to_vec()))
+            .collect();
+        self.put_fenced(fence, puts).await
+    }
+
+    /// The recorded table states of a pipe, by schema.table.
+    pub async fn table_states(&self, pipe: &str) -> Result<Vec<(String, TableState)>, StoreError> {
+        let prefix = self.keys().pipe_tables(pipe);
+        Ok(self
+            .list::<TableState>(prefix.clone())
+            .await?
+            .into_iter()
+            .map(|(key, state, _)| (key[prefix.len()..].to_owned(), state))
+            .collect())
+    }
+
+    /// Replaces the pipe's snapshot plan.
+    pub async fn put_snapshot_plan(
+        &self,
+        fence: &Fence,
+        pipe: &str,
+        partitions: &[SnapshotPartition],
+    ) -> Result<(), StoreError> {
+        let prefix = self.keys().snapshot_partitions(pipe);
+        let clear = Txn::new().when([fence.compare()]).and_then([TxnOp::delete(
+            prefix,
+            Some(DeleteOptions::new().with_prefix()),
+        )]);
+        let response = self
+            .request(false, |mut c| {
+                let txn = clear.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if !response.succeeded() {
+            return Err(StoreError::Fenced);
+        }
+        let puts = partitions
+            .iter()
+            .map(|p| {
+                let key = self
+                    .keys()
+                    .snapshot_partition(pipe, &p.source_table, p.index);
+                (key, p.encode_to_vec())
+            })
+            .collect();
+        self.put_fenced(fence, puts).await
+    }
+
+    /// The snapshot plan of a pipe, in key order, with each partition's key.
+    pub async fn snapshot_plan(
+        &self,
+        pipe: &str,
+    ) -> Result<Vec<(String, SnapshotPartition)>, StoreError> {
+        Ok(self
+            .list::<SnapshotPartition>(self.keys().snapshot_partitions(pipe))
+            .await?
+            .into_iter()
+            .map(|(key, partition, _)| (key, partition))
+            .collect())
+    }
+
+    /// The live claims on a pipe's partitions, as owner keys.
+    pub async fn snapshot_claims(&self, pipe: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = self.keys().snapshot_owners(pipe);
+        let response = self
+            .request(true, |mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.get(
+                        prefix,
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    )
+                    .await
+                }
+            })
+            .await?;
+        Ok(response
+            .kvs()
+            .iter()
+            .map(|kv| display_key(kv.key()))
+            .collect())
+    }
+
+    /// Claims a partition for `worker` under its session, if nobody holds it.
+    pub async fn claim_partition(
+        &self,
+        session: &Session,
+        pipe: &str,
+        partition: &SnapshotPartition,
+        worker: &str,
+    ) -> Result<Option<Claim>, StoreError> {
+        let keys = self.keys();
+        let key = keys.snapshot_owner(pipe, &partition.source_table, partition.index);
+        let partition_key = keys.snapshot_partition(pipe, &partition.source_table, partition.index);
+        let lease = session.lease_id();
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                // The partition must still exist (the pipe was not deleted or re-planned).
+                Compare::create_revision(partition_key.clone(), CompareOp::Greater, 0),
+            ])
+            .and_then([TxnOp::put(
+                key.clone(),
+                worker,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = self
+            .request(false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(response.succeeded().then_some(Claim {
+            key,
+            partition_key,
+            lease,
+        }))
+    }
+
+    /// Marks a claimed partition done and releases the claim, only if the claim still stands.
+    /// Returns false if it was lost (the lease expired): another worker redoes the partition.
+    pub async fn complete_partition(
+        &self,
+        claim: &Claim,
+        partition: &SnapshotPartition,
+    ) -> Result<bool, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::lease(
+                claim.key.clone(),
+                CompareOp::Equal,
+                claim.lease,
+            )])
+            .and_then([
+                TxnOp::put(claim.partition_key.clone(), partition.encode_to_vec(), None),
+                TxnOp::delete(claim.key.clone(), None),
+            ]);
+        let response = self
+            .request(false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(response.succeeded())
+    }
+
+    /// Gives a claim up without finishing (the partition is retried).
+    pub async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        let txn = Txn::new()
+            .when([Compare::lease(
+                claim.key.clone(),
+                CompareOp::Equal,
+                claim.lease,
+            )])
+            .and_then([TxnOp::delete(claim.key.clone(), None)]);
+        self.request(false, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Records the source objects Ferry is about to create for a pipe.
+    pub async fn put_resources(
+        &self,
+        fence: &Fence,
+        pipe: &str,
+        resources: &SourceResources,
+    ) -> Result<(), StoreError> {
+        let key = self.keys().pipe_resources(pipe);
+        self.put_fenced(fence, vec![(key, resources.encode_to_vec())])
+            .await
+    }
+
+    /// The source objects recorded for a pipe (empty if none).
+    pub async fn resources(&self, pipe: &str) -> Result<SourceResources, StoreError> {
+        let key = self.keys().pipe_resources(pipe);
+        Ok(self
+            .list::<SourceResources>(key.clone())
+            .await?
+            .into_iter()
+            .find(|(k, ..)| *k == key)
+            .map(|(_, r, _)| r)
+            .unwrap_or_default())
+    }
+
+    /// Publishes the snapshot partitions should import.
+    pub async fn put_exported_snapshot(
+        &self,
+        fence: &Fence,
+        pipe: &str,
+        snapshot: &ExportedSnapshot,
+    ) -> Result<(), StoreError> {
+        let key = self.keys().exported_snapshot(pipe);
+        self.put_fenced(fence, vec![(key, snapshot.encode_to_vec())])
+            .await
+    }
+
+    /// The exported snapshot of a pipe, if one is published.
+    pub async fn exported_snapshot(
+        &self,
+        pipe: &str,
+    ) -> Result<Option<ExportedSnapshot>, StoreError> {
+        Ok(self
+            .list::<ExportedSnapshot>(self.keys().exported_snapshot(pipe))
+            .await?
+            .into_iter()
+            .find(|(key, ..)| *key == self.keys().exported_snapshot(pipe))
+            .map(|(_, snapshot, _)| snapshot))
+    }
+
+    /// Withdraws the exported snapshot (its holder is gone or the snapshot is finished).
+    pub async fn delete_exported_snapshot(
+        &self,
+        fence: &Fence,
+        pipe: &str,
+    ) -> Result<(), StoreError> {
+        let txn = Txn::new()
+            .when([fence.compare()])
+            .and_then([TxnOp::delete(self.keys().exported_snapshot(pipe), None)]);
+        let response = self
+            .request(false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if response.succeeded() {
+            Ok(())
+        } else {
+            Err(StoreError::Fenced)
+        }
+    }
+}
