@@ -78,9 +78,9 @@ export FERRY_ETCD_ENDPOINTS="http://127.0.0.1:$FERRY_ETCD_PORT"
 start coordinator "$FERRY_COORDINATOR_PORT" "$bin/ferry-coordinator" --listen "127.0.0.1:$FERRY_COORDINATOR_PORT" \
   --secret-key-file "$key" --coordinator-id local-coordinator
 start snapshot-worker "$FERRY_SNAPSHOT_WORKER_PORT" "$bin/ferry-snapshot-worker" \
-  --listen "127.0.0.1:$FERRY_SNAPSHOT_WORKER_PORT" --worker-id local-snapshot
+  --listen "127.0.0.1:$FERRY_SNAPSHOT_WORKER_PORT" --worker-id local-snapshot --secret-key-file "$key"
 start cdc-worker "$FERRY_CDC_WORKER_PORT" "$bin/ferry-cdc-worker" \
-  --listen "127.0.0.1:$FERRY_CDC_WORKER_PORT" --worker-id local-cdc
+  --listen "127.0.0.1:$FERRY_CDC_WORKER_PORT" --worker-id local-cdc --secret-key-file "$key"
 for port in "$FERRY_COORDINATOR_PORT" "$FERRY_SNAPSHOT_WORKER_PORT" "$FERRY_CDC_WORKER_PORT"; do
   wait_for "service on $port" 30 sh -c "'$grpcurl' -plaintext 127.0.0.1:$port grpc.health.v1.Health/Check | grep -q '\"SERVING\"'"
 done

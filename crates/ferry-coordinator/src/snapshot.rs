@@ -5,12 +5,15 @@ use std::time::SystemTime;
 
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_postgres::{connection, snapshot};
-use ferry_proto::v1::ExportedSnapshot;
+use ferry_proto::v1::{ExportedSnapshot, PipeError};
 use ferry_server::telemetry::error_chain;
 use ferry_store::{PipeRecord, StoreError};
 use tracing::{info, warn};
 
 use crate::setup::{self, SetupContext, SetupProblem, table_progress};
+
+/// Failed attempts at one partition before the pipe fails (a transient error gets retries).
+const MAX_PARTITION_ATTEMPTS: u32 = 3;
 
 /// Exports a snapshot, publishes it, and keeps its transaction open until aborted (the pipe
 /// leaves Snapshot or this coordinator stops leading). If no snapshot can be exported, an
@@ -65,6 +68,36 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         .map(|(_, p)| p)
         .collect();
     let progress = table_progress(&record.spec, &plan);
+    if let Some(stuck) = plan
+        .iter()
+        .find(|p| !p.done && p.attempts >= MAX_PARTITION_ATTEMPTS)
+    {
+        let error = PipeError {
+            message: format!(
+                "snapshot partition {} of {} failed {} times; last error: {}",
+                stuck.index, stuck.source_table, stuck.attempts, stuck.last_error
+            ),
+            remedy: "fix the cause in the error, then resync the pipe".into(),
+            table: stuck.source_table.clone(),
+            occurred_at: Some(SystemTime::now().into()),
+        };
+        let status = lifecycle::apply(
+            &record.status,
+            record.spec.mode(),
+            PipeEvent::Failed,
+            "snapshot failed",
+            Some(error),
+            SystemTime::now(),
+        );
+        if let Ok(mut status) = status {
+            status.tables = progress;
+            ctx.store
+                .put_pipe_status(&ctx.fence, name, record.status_revision, &status)
+                .await?;
+            warn!(pipe = %name, table = %stuck.source_table, "snapshot failed");
+        }
+        return Ok(());
+    }
     let finished = plan.iter().all(|p| p.done);
     let mut status = if finished {
         let rows: u64 = plan.iter().map(|p| p.rows_copied).sum();

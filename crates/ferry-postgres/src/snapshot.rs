@@ -65,10 +65,8 @@ pub async fn plan(
                 index: u32::try_from(plan.len()).unwrap_or(u32::MAX),
                 start_block: i * blocks,
                 end_block: if last { 0 } else { (i + 1) * blocks },
-                done: false,
-                rows_copied: 0,
                 rows_estimated: rows / count,
-                worker_id: String::new(),
+                ..Default::default()
             });
         }
     }

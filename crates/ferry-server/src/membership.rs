@@ -5,6 +5,7 @@
 //! again under a fresh lease once etcd answers; on shutdown it revokes its lease so the
 //! registration disappears at once instead of after the TTL.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::v1::WorkerRegistration;
@@ -38,17 +39,27 @@ pub async fn start_session(store: &Store, ttl: Duration, shutdown: &Shutdown) ->
     }
 }
 
-/// The registration as currently published, if it is.
-pub type Registered = watch::Receiver<Option<WorkerRegistration>>;
+/// A live membership: the published registration and the session it is bound to. Work a
+/// worker claims is bound to the same session, and stops when the membership goes.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// As published in etcd.
+    pub registration: WorkerRegistration,
+    /// The session (lease) everything the worker owns is bound to.
+    pub session: Arc<Session>,
+}
 
-/// Keeps `registration` published under a live lease until shutdown. `registered` reflects
+/// The membership as currently held, if it is.
+pub type Membership = watch::Receiver<Option<Member>>;
+
+/// Keeps `registration` published under a live lease until shutdown. `members` reflects
 /// whether it is published; `health` is SERVING exactly while it is.
 pub async fn run(
     store: Store,
     mut registration: WorkerRegistration,
     ttl: Duration,
     health: Health,
-    registered: watch::Sender<Option<WorkerRegistration>>,
+    members: watch::Sender<Option<Member>>,
     shutdown: Shutdown,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -66,16 +77,20 @@ pub async fn run(
         }
         backoff = Duration::from_millis(200);
         info!(worker = %registration.worker_id, lease = session.lease_id(), "worker registered");
-        registered.send_replace(Some(registration.clone()));
+        let session = Arc::new(session);
+        members.send_replace(Some(Member {
+            registration: registration.clone(),
+            session: session.clone(),
+        }));
         health.set(true).await;
         tokio::select! {
             _ = session.lost() => {
                 warn!(worker = %registration.worker_id, "etcd session lost; registering again");
-                registered.send_replace(None);
+                members.send_replace(None);
                 health.set(false).await;
             }
             _ = shutdown.requested() => {
-                registered.send_replace(None);
+                members.send_replace(None);
                 health.set(false).await;
                 match session.revoke().await {
                     Ok(()) => info!(worker = %registration.worker_id, "worker deregistered"),

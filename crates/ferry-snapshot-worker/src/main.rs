@@ -22,6 +22,11 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(&args.log);
-    worker::run(WorkerKind::Snapshot, args.worker).await?;
+    worker::run(
+        WorkerKind::Snapshot,
+        args.worker,
+        ferry_snapshot_worker::run,
+    )
+    .await?;
     Ok(())
 }

@@ -108,7 +108,7 @@ impl Session {
 
     /// Stops the keepalive and revokes the lease, deleting every key bound to it now rather
     /// than after the TTL.
-    pub async fn revoke(self) -> Result<(), StoreError> {
+    pub async fn revoke(&self) -> Result<(), StoreError> {
         self.keepalive.0.abort();
         self.store.client().lease_revoke(self.lease_id).await?;
         info!(lease = self.lease_id, "etcd session revoked");

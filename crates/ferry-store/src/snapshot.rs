@@ -229,15 +229,28 @@ impl Store {
         Ok(response.succeeded())
     }
 
-    /// Gives a claim up without finishing (the partition is retried).
-    pub async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+    /// Gives a claim up without finishing (the partition is retried). `failed` records the
+    /// attempt and its error in the partition, so repeated failures become visible.
+    pub async fn release_claim(
+        &self,
+        claim: &Claim,
+        failed: Option<&SnapshotPartition>,
+    ) -> Result<(), StoreError> {
+        let mut ops = vec![TxnOp::delete(claim.key.clone(), None)];
+        if let Some(partition) = failed {
+            ops.push(TxnOp::put(
+                claim.partition_key.clone(),
+                partition.encode_to_vec(),
+                None,
+            ));
+        }
         let txn = Txn::new()
             .when([Compare::lease(
                 claim.key.clone(),
                 CompareOp::Equal,
                 claim.lease,
             )])
-            .and_then([TxnOp::delete(claim.key.clone(), None)]);
+            .and_then(ops);
         self.request(false, |mut c| {
             let txn = txn.clone();
             async move { c.txn(txn).await }

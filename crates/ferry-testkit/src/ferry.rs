@@ -143,7 +143,8 @@ impl Ferry {
             WorkerKind::Cdc => "ferry-cdc-worker",
             _ => "ferry-snapshot-worker",
         };
-        self.spawn(binary, id, &["--worker-id", id])
+        let key = self.key_file.display().to_string();
+        self.spawn(binary, id, &["--worker-id", id, "--secret-key-file", &key])
     }
 }
 
