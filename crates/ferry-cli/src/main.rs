@@ -278,8 +278,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .watch_pipe(WatchPipeRequest { name })
                 .await?
                 .into_inner();
+            let mut progress = render::Progress::default();
             while let Some(update) = stream.message().await? {
-                render::change(&update);
+                progress.show(&update);
                 if update.deleted {
                     break;
                 }

@@ -1,7 +1,10 @@
 //! Human-readable output of pipes.
 
 use ferry_core::lifecycle::state_name;
+use std::collections::BTreeMap;
+
 use ferry_proto::v1::{Pipe, PipeState, WatchPipeResponse};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 fn when(ts: Option<&prost_types::Timestamp>) -> String {
     ts.map_or_else(|| "-".into(), ToString::to_string)
@@ -86,6 +89,47 @@ pub fn list(pipes: &[Pipe]) {
             spec.mode().as_str_name(),
             spec.tables.len()
         );
+    }
+}
+
+/// What `watch` shows: a line per state change, and during a snapshot a progress bar per table
+/// (on a terminal; elsewhere only the lines).
+#[derive(Default)]
+pub struct Progress {
+    bars: MultiProgress,
+    tables: BTreeMap<String, ProgressBar>,
+    last_state: Option<PipeState>,
+}
+
+impl Progress {
+    /// Shows one update.
+    pub fn show(&mut self, update: &WatchPipeResponse) {
+        let status = update.pipe.as_ref().and_then(|p| p.status.clone()).unwrap_or_default();
+        if self.last_state != Some(status.state()) || update.deleted {
+            self.bars.suspend(|| change(update));
+            self.last_state = Some(status.state());
+        }
+        for table in &status.tables {
+            if table.partitions_total == 0 {
+                continue;
+            }
+            let bar = self.tables.entry(table.source_table.clone()).or_insert_with(|| {
+                let bar = self.bars.add(ProgressBar::new(table.rows_estimated.max(1)));
+                bar.set_style(
+                    ProgressStyle::with_template("{prefix:<28} [{bar:30}] {pos}/{len} rows {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                );
+                bar.set_prefix(table.source_table.clone());
+                bar
+            });
+            bar.set_length(table.rows_estimated.max(table.rows_copied).max(1));
+            bar.set_position(table.rows_copied);
+            bar.set_message(format!("{}/{} partitions", table.partitions_done, table.partitions_total));
+            if table.partitions_done == table.partitions_total {
+                bar.finish();
+            }
+        }
     }
 }
 
