@@ -104,7 +104,11 @@ pub struct Progress {
 impl Progress {
     /// Shows one update.
     pub fn show(&mut self, update: &WatchPipeResponse) {
-        let status = update.pipe.as_ref().and_then(|p| p.status.clone()).unwrap_or_default();
+        let status = update
+            .pipe
+            .as_ref()
+            .and_then(|p| p.status.clone())
+            .unwrap_or_default();
         if self.last_state != Some(status.state()) || update.deleted {
             self.bars.suspend(|| change(update));
             self.last_state = Some(status.state());
@@ -113,19 +117,27 @@ impl Progress {
             if table.partitions_total == 0 {
                 continue;
             }
-            let bar = self.tables.entry(table.source_table.clone()).or_insert_with(|| {
-                let bar = self.bars.add(ProgressBar::new(table.rows_estimated.max(1)));
-                bar.set_style(
-                    ProgressStyle::with_template("{prefix:<28} [{bar:30}] {pos}/{len} rows {msg}")
+            let bar = self
+                .tables
+                .entry(table.source_table.clone())
+                .or_insert_with(|| {
+                    let bar = self.bars.add(ProgressBar::new(table.rows_estimated.max(1)));
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{prefix:<28} [{bar:30}] {pos}/{len} rows {msg}",
+                        )
                         .unwrap_or_else(|_| ProgressStyle::default_bar())
                         .progress_chars("=> "),
-                );
-                bar.set_prefix(table.source_table.clone());
-                bar
-            });
+                    );
+                    bar.set_prefix(table.source_table.clone());
+                    bar
+                });
             bar.set_length(table.rows_estimated.max(table.rows_copied).max(1));
             bar.set_position(table.rows_copied);
-            bar.set_message(format!("{}/{} partitions", table.partitions_done, table.partitions_total));
+            bar.set_message(format!(
+                "{}/{} partitions",
+                table.partitions_done, table.partitions_total
+            ));
             if table.partitions_done == table.partitions_total {
                 bar.finish();
             }

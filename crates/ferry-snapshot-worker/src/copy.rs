@@ -5,6 +5,9 @@
 //! carry `_ferry_version = 0`, so a partition copied twice (after a crash) only repeats rows
 //! that ReplacingMergeTree collapses, and any change replicated later wins over them.
 
+use std::future::Future;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use ferry_clickhouse::sink::{Sink, SinkError};
 use ferry_clickhouse::transcode::{RowTranscoder, TranscodeError, wants_text};
@@ -12,8 +15,9 @@ use ferry_clickhouse::types::MappingOptions;
 use ferry_core::secret::{SecretError, SecretKey};
 use ferry_postgres::copy::{CopyDecoder, CopyError, DecodeError};
 use ferry_postgres::{SourceError, connection, snapshot};
-use ferry_proto::v1::{PipeSpec, SnapshotPartition, TableState};
+use ferry_proto::v1::{PipeSpec, SnapshotPartition, TableSchema, TableState};
 use ferry_store::{Store, StoreError};
+use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 
 /// Rows per ClickHouse insert, at most.
@@ -45,6 +49,9 @@ pub enum PartitionError {
     /// etcd failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An insert task died.
+    #[error("insert task failed")]
+    Join(#[source] tokio::task::JoinError),
     /// Setup did not record the table.
     #[error("no recorded schema for {0}")]
     NoSchema(String),
@@ -84,7 +91,6 @@ pub async fn copy_partition(
     let secrets = key
         .open(&spec.name, &sealed)
         .map_err(PartitionError::Secret)?;
-    let options = MappingOptions::default();
 
     let source = connection::connect(
         &spec.source.clone().unwrap_or_default(),
@@ -92,6 +98,39 @@ pub async fn copy_partition(
     )
     .await?;
     let imported_snapshot = snapshot::begin_read(&source, exported_snapshot).await?;
+    let sink = Sink::new(
+        &spec.destination.clone().unwrap_or_default(),
+        &secrets.destination_password,
+    );
+    let statement = Arc::new(sink.insert_statement(&mapping.destination_table, schema));
+    let rows = read_partition(&source, schema, partition, move |body| {
+        let (sink, statement) = (sink.clone(), Arc::clone(&statement));
+        async move { Ok(sink.insert(&statement, body).await?) }
+    })
+    .await?;
+    // Read-only: nothing to commit; ending the transaction frees the snapshot import.
+    let _ = source.batch_execute("ROLLBACK").await;
+    Ok(Copied {
+        rows,
+        imported_snapshot,
+    })
+}
+
+/// Reads one partition with binary COPY on `source` (in the transaction the caller opened),
+/// transcodes it to RowBinary, and hands batches of at most [`BATCH_ROWS`] rows or
+/// [`BATCH_BYTES`] to `flush`. One flush runs while the next batch is read, so reading and
+/// writing overlap; memory stays at two batches whatever the table size. Returns the rows read.
+pub async fn read_partition<F, Fut>(
+    source: &tokio_postgres::Client,
+    schema: &TableSchema,
+    partition: &SnapshotPartition,
+    flush: F,
+) -> Result<u64, PartitionError>
+where
+    F: Fn(Bytes) -> Fut,
+    Fut: Future<Output = Result<(), PartitionError>> + Send + 'static,
+{
+    let options = MappingOptions::default();
     let select: Vec<String> = schema
         .columns
         .iter()
@@ -105,12 +144,6 @@ pub async fn copy_partition(
         })
         .collect();
     let query = snapshot::copy_query(partition, &select);
-    let sink = Sink::new(
-        &spec.destination.clone().unwrap_or_default(),
-        &secrets.destination_password,
-    );
-    let statement = sink.insert_statement(&mapping.destination_table, schema);
-
     let stream = source
         .copy_out(query.as_str())
         .await
@@ -121,6 +154,7 @@ pub async fn copy_partition(
     let mut body = Vec::with_capacity(BATCH_BYTES + (1 << 20));
     let mut batch_rows = 0u64;
     let mut rows = 0u64;
+    let mut in_flight: Option<JoinHandle<Result<(), PartitionError>>> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(PartitionError::Copy)?;
         let decoded = decoder.feed(&chunk, |fields| {
@@ -133,17 +167,21 @@ pub async fn copy_partition(
             DecodeError::Row(e) => PartitionError::Transcode(e),
         })?;
         if batch_rows >= BATCH_ROWS || body.len() >= BATCH_BYTES {
+            if let Some(previous) = in_flight.take() {
+                previous.await.map_err(PartitionError::Join)??;
+            }
             let full = std::mem::replace(&mut body, Vec::with_capacity(BATCH_BYTES + (1 << 20)));
-            sink.insert(&statement, Bytes::from(full)).await?;
+            in_flight = Some(tokio::spawn(flush(Bytes::from(full))));
             batch_rows = 0;
         }
     }
     decoder.finish()?;
-    if !body.is_empty() {
-        sink.insert(&statement, Bytes::from(body)).await?;
+    if let Some(previous) = in_flight.take() {
+        previous.await.map_err(PartitionError::Join)??;
     }
-    // Read-only: nothing to commit; ending the transaction frees the snapshot import.
-    let _ = source.batch_execute("ROLLBACK").await;
+    if !body.is_empty() {
+        flush(Bytes::from(body)).await?;
+    }
     let adjustments = transcoder.adjustments();
     if adjustments.clamped > 0 || adjustments.nulled > 0 {
         tracing::info!(
@@ -154,8 +192,5 @@ pub async fn copy_partition(
             "values outside ClickHouse's range were adjusted"
         );
     }
-    Ok(Copied {
-        rows,
-        imported_snapshot,
-    })
+    Ok(rows)
 }
