@@ -249,3 +249,37 @@ async fn tables_are_described_with_types_keys_and_estimates() {
     assert!(parted.partitioned);
     assert_eq!(parted.estimated_rows, 500);
 }
+
+#[tokio::test]
+async fn partitions_import_the_exported_snapshot_and_fall_back_when_it_is_gone() {
+    use ferry_postgres::snapshot::{begin_read, export_snapshot};
+    let pg = Postgres::start().await.unwrap();
+    let db = admin(&pg).await;
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2);")
+        .await
+        .unwrap();
+    let holder = connect(&source(&pg, "postgres"), "").await.unwrap();
+    let snapshot = export_snapshot(&holder).await.unwrap();
+    // A row committed after the export is invisible to readers that import it.
+    db.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
+    let reader = connect(&source(&pg, "postgres"), "").await.unwrap();
+    assert!(begin_read(&reader, Some(&snapshot)).await.unwrap());
+    let seen: i64 = reader.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(seen, 2);
+    reader.batch_execute("ROLLBACK").await.unwrap();
+
+    // The holder goes away: the snapshot cannot be imported any more, and the read goes on
+    // with a fresh snapshot (which sees the later row: version 0 rows, corrected by CDC).
+    drop(holder);
+    let gone = ferry_testkit::wait::until(std::time::Duration::from_secs(10), || async {
+        let reader = connect(&source(&pg, "postgres"), "").await.ok()?;
+        let imported = begin_read(&reader, Some(&snapshot)).await.ok()?;
+        if imported {
+            return None;
+        }
+        let seen: i64 = reader.query_one("SELECT count(*) FROM t", &[]).await.ok()?.get(0);
+        Some(seen)
+    })
+    .await;
+    assert_eq!(gone, Some(3));
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::process::not_ready;
 use crate::{ChildProcess, KitError, free_port, repo_root, wait};
 
 /// A running adapter; user `default` with the given password.
@@ -52,11 +53,7 @@ impl ClickHouse {
             ping(&addr).await.then_some(())
         })
         .await;
-        ready.ok_or_else(|| KitError::NotReady {
-            what: "clickhouse adapter".into(),
-            seconds: 60,
-            log: log.display().to_string(),
-        })?;
+        ready.ok_or_else(|| not_ready("clickhouse adapter", 60, &log))?;
         Ok(Self {
             port,
             dir,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::process::not_ready;
 use crate::{ChildProcess, KitError, free_port, wait};
 
 /// One member's ports and process.
@@ -111,16 +112,8 @@ impl Etcd {
             client.status().await.ok().map(|_| ())
         })
         .await;
-        ready.ok_or_else(|| KitError::NotReady {
-            what: format!("etcd member {}", self.members[i].name),
-            seconds: 20,
-            log: self
-                .dir
-                .path()
-                .join(format!("{}.log", self.members[i].name))
-                .display()
-                .to_string(),
-        })
+        let log = self.dir.path().join(format!("{}.log", self.members[i].name));
+        ready.ok_or_else(|| not_ready(format!("etcd member {}", self.members[i].name), 20, &log))
     }
 
     /// Client endpoints of every member.

@@ -14,6 +14,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::process::not_ready;
 use crate::{ChildProcess, KitError, free_port, wait};
 
 /// Where the service binaries are: `FERRY_BIN_DIR`, else the cargo target dir of this build.
@@ -21,12 +22,17 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FERRY_BIN_DIR") {
         return PathBuf::from(dir);
     }
-    // Test executables live in target/<profile>/deps; binaries one level up.
+    // Test executables live in target/<profile>/deps, other binaries (the benchmark) in
+    // target/<profile> beside the service binaries.
     std::env::current_exe()
         .ok()
         .and_then(|exe| {
-            exe.parent()
-                .map(|deps| deps.parent().unwrap_or(deps).to_path_buf())
+            let dir = exe.parent()?;
+            Some(if dir.ends_with("deps") {
+                dir.parent()?.to_path_buf()
+            } else {
+                dir.to_path_buf()
+            })
         })
         .unwrap_or_else(|| PathBuf::from("target/debug"))
 }
@@ -139,12 +145,18 @@ impl Ferry {
 
     /// Starts a worker of `kind`.
     pub fn worker(&self, kind: WorkerKind, id: &str) -> Result<Service, KitError> {
+        self.worker_with_capacity(kind, id, 4)
+    }
+
+    /// Starts a worker of `kind` taking `capacity` units of work at once.
+    pub fn worker_with_capacity(&self, kind: WorkerKind, id: &str, capacity: u32) -> Result<Service, KitError> {
         let binary = match kind {
             WorkerKind::Cdc => "ferry-cdc-worker",
             _ => "ferry-snapshot-worker",
         };
         let key = self.key_file.display().to_string();
-        self.spawn(binary, id, &["--worker-id", id, "--secret-key-file", &key])
+        let capacity = capacity.to_string();
+        self.spawn(binary, id, &["--worker-id", id, "--secret-key-file", &key, "--capacity", &capacity])
     }
 }
 
@@ -152,6 +164,14 @@ impl Service {
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Peak resident memory of the process so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let pid = self.process.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 
     /// The process handle (kill -9, SIGTERM, log).
@@ -181,11 +201,7 @@ impl Service {
             (self.health("").await == Some(ServingStatus::Serving)).then_some(())
         })
         .await
-        .ok_or_else(|| KitError::NotReady {
-            what: self.id.clone(),
-            seconds: within.as_secs(),
-            log: self.process.log().display().to_string(),
-        })
+        .ok_or_else(|| not_ready(self.id.clone(), within.as_secs(), self.process.log()))
     }
 
     /// A `PipeService` client connected to this service.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::process::run;
+use crate::process::{not_ready, run};
 use crate::{ChildProcess, KitError, free_port, wait};
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -117,11 +117,7 @@ impl Postgres {
                 .map(|_| ())
         })
         .await;
-        ready.ok_or_else(|| KitError::NotReady {
-            what: "postgres".into(),
-            seconds: 30,
-            log: self.log().display().to_string(),
-        })
+        ready.ok_or_else(|| not_ready("postgres", 30, &self.log()))
     }
 
     /// The port.

@@ -31,18 +31,29 @@ pub enum KitError {
         output: String,
     },
     /// A server did not become ready in time.
-    #[error("{what} not ready within {seconds}s; see {log}")]
+    #[error("{what} not ready within {seconds}s; the end of its log:\n{log}")]
     NotReady {
         /// The server.
         what: String,
         /// The deadline.
         seconds: u64,
-        /// Its log file.
+        /// The last lines of its log (the temp dir holding it is gone once the test ends).
         log: String,
     },
     /// File system trouble.
     #[error("i/o error in the test kit")]
     Io(#[from] std::io::Error),
+}
+
+/// A [`KitError::NotReady`] quoting the end of the log at `log`.
+pub(crate) fn not_ready(what: impl Into<String>, seconds: u64, log: &Path) -> KitError {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    KitError::NotReady {
+        what: what.into(),
+        seconds,
+        log: lines[lines.len().saturating_sub(20)..].join("\n"),
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
