@@ -58,16 +58,31 @@ struct Run {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     eprintln!("starting postgres, etcd, clickhouse (chdb) and ferry's services");
-    let pg = Postgres::start_with(&["shared_buffers=512MB", "max_wal_size=4GB", "checkpoint_timeout=30min"]).await?;
+    let pg = Postgres::start_with(&[
+        "shared_buffers=512MB",
+        "max_wal_size=4GB",
+        "checkpoint_timeout=30min",
+    ])
+    .await?;
     let ch = ClickHouse::start().await?;
     let etcd = Etcd::start().await?;
     let db = pg.client("postgres").await?;
     eprintln!("generating {} rows", args.rows);
-    db.batch_execute(&TABLE.replace("$ROWS", &args.rows.to_string())).await?;
+    db.batch_execute(&TABLE.replace("$ROWS", &args.rows.to_string()))
+        .await?;
     // Separately: VACUUM refuses to run inside the implicit transaction of a batch.
     db.batch_execute("VACUUM ANALYZE wide").await?;
-    let size: i64 = db.query_one("SELECT pg_relation_size('wide')", &[]).await?.get(0);
-    let pages: i64 = db.query_one("SELECT relpages::int8 FROM pg_class WHERE relname = 'wide'", &[]).await?.get(0);
+    let size: i64 = db
+        .query_one("SELECT pg_relation_size('wide')", &[])
+        .await?
+        .get(0);
+    let pages: i64 = db
+        .query_one(
+            "SELECT relpages::int8 FROM pg_class WHERE relname = 'wide'",
+            &[],
+        )
+        .await?
+        .get(0);
     let schema = describe_table(&db, "public", "wide").await?;
     let ranges = split(u64::try_from(pages)?, args.parallel);
 
@@ -81,15 +96,40 @@ async fn main() -> anyhow::Result<()> {
     let (hand_rows, d) = timed(hand_pipeline(&pg, &ch, &schema)).await?;
 
     let runs = [
-        Run { name: "(a) raw parallel COPY -> /dev/null", rows: args.rows, seconds: a },
-        Run { name: "(b) ferry snapshot -> null sink", rows: null_rows, seconds: b },
-        Run { name: "(c) ferry snapshot -> clickhouse", rows: ch_rows, seconds: c },
-        Run { name: "(d) psql COPY | HTTP TSV -> clickhouse", rows: hand_rows, seconds: d },
+        Run {
+            name: "(a) raw parallel COPY -> /dev/null",
+            rows: args.rows,
+            seconds: a,
+        },
+        Run {
+            name: "(b) ferry snapshot -> null sink",
+            rows: null_rows,
+            seconds: b,
+        },
+        Run {
+            name: "(c) ferry snapshot -> clickhouse",
+            rows: ch_rows,
+            seconds: c,
+        },
+        Run {
+            name: "(d) psql COPY | HTTP TSV -> clickhouse",
+            rows: hand_rows,
+            seconds: d,
+        },
     ];
     let mb = raw_bytes as f64 / 1e6;
     println!();
-    println!("table: {} rows, {:.0} MB on disk, {:.0} MB as binary COPY, {} parallel", args.rows, size as f64 / 1e6, mb, args.parallel);
-    println!("{:<42} {:>10} {:>9} {:>12} {:>8}", "run", "rows", "seconds", "rows/s", "MB/s");
+    println!(
+        "table: {} rows, {:.0} MB on disk, {:.0} MB as binary COPY, {} parallel",
+        args.rows,
+        size as f64 / 1e6,
+        mb,
+        args.parallel
+    );
+    println!(
+        "{:<42} {:>10} {:>9} {:>12} {:>8}",
+        "run", "rows", "seconds", "rows/s", "MB/s"
+    );
     for run in &runs {
         println!(
             "{:<42} {:>10} {:>9.2} {:>12.0} {:>8.1}",
@@ -102,18 +142,34 @@ async fn main() -> anyhow::Result<()> {
     }
     let rate = |r: &Run| r.rows as f64 / r.seconds;
     println!();
-    println!("ferry null sink / raw parallel COPY   {:.2}x  (target >= 0.8x)", rate(&runs[1]) / rate(&runs[0]));
-    println!("ferry clickhouse / hand pipeline      {:.2}x  (target >= 2x)", rate(&runs[2]) / rate(&runs[3]));
-    println!("snapshot worker peak RSS              {:.1} MB  (target <= 128 MB)", peak_kib as f64 / 1024.0);
+    println!(
+        "ferry null sink / raw parallel COPY   {:.2}x  (target >= 0.8x)",
+        rate(&runs[1]) / rate(&runs[0])
+    );
+    println!(
+        "ferry clickhouse / hand pipeline      {:.2}x  (target >= 2x)",
+        rate(&runs[2]) / rate(&runs[3])
+    );
+    println!(
+        "snapshot worker peak RSS              {:.1} MB  (target <= 128 MB)",
+        peak_kib as f64 / 1024.0
+    );
     for run in &runs {
         if run.rows != args.rows {
-            bail!("{} moved {} rows, expected {}", run.name, run.rows, args.rows);
+            bail!(
+                "{} moved {} rows, expected {}",
+                run.name,
+                run.rows,
+                args.rows
+            );
         }
     }
     Ok(())
 }
 
-async fn timed<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<(T, f64)> {
+async fn timed<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, f64)> {
     let started = Instant::now();
     let value = work.await?;
     Ok((value, started.elapsed().as_secs_f64()))
@@ -157,14 +213,24 @@ async fn raw_copy(pg: &Postgres, ranges: &[SnapshotPartition]) -> anyhow::Result
     Ok(total)
 }
 
-async fn null_sink(pg: &Postgres, schema: &TableSchema, ranges: &[SnapshotPartition]) -> anyhow::Result<u64> {
+async fn null_sink(
+    pg: &Postgres,
+    schema: &TableSchema,
+    ranges: &[SnapshotPartition],
+) -> anyhow::Result<u64> {
     let mut tasks = Vec::new();
     for range in ranges.iter().cloned() {
         let client = pg.client("postgres").await?;
         let schema = schema.clone();
         tasks.push(tokio::spawn(async move {
             begin_read(&client, None).await?;
-            let rows = ferry_snapshot_worker::copy::read_partition(&client, &schema, &range, |_body| async { Ok(()) }).await?;
+            let rows = ferry_snapshot_worker::copy::read_partition(
+                &client,
+                &schema,
+                &range,
+                |_body| async { Ok(()) },
+            )
+            .await?;
             Ok::<_, anyhow::Error>(rows)
         }));
     }
@@ -175,10 +241,16 @@ async fn null_sink(pg: &Postgres, schema: &TableSchema, ranges: &[SnapshotPartit
     Ok(total)
 }
 
-async fn ferry_snapshot(pg: &Postgres, ch: &ClickHouse, etcd: &Etcd, args: &Args) -> anyhow::Result<(u64, u64, f64)> {
+async fn ferry_snapshot(
+    pg: &Postgres,
+    ch: &ClickHouse,
+    etcd: &Etcd,
+    args: &Args,
+) -> anyhow::Result<(u64, u64, f64)> {
     let ferry = Ferry::new(etcd.endpoints(), 10)?;
     let coordinator = ferry.coordinator("bench-coordinator")?;
-    let worker = ferry.worker_with_capacity(WorkerKind::Snapshot, "bench-snapshot", args.parallel)?;
+    let worker =
+        ferry.worker_with_capacity(WorkerKind::Snapshot, "bench-snapshot", args.parallel)?;
     let _cdc = ferry.worker(WorkerKind::Cdc, "bench-cdc")?;
     coordinator.wait_serving(Duration::from_secs(30)).await?;
     worker.wait_serving(Duration::from_secs(30)).await?;
@@ -192,21 +264,42 @@ async fn ferry_snapshot(pg: &Postgres, ch: &ClickHouse, etcd: &Etcd, args: &Args
             user: "postgres".into(),
             ..Default::default()
         }),
-        destination: Some(ClickHouseDestination { url: ch.url(), database: "bench".into(), ..Default::default() }),
-        tables: vec![TableMapping { source_table: "wide".into(), ..Default::default() }],
+        destination: Some(ClickHouseDestination {
+            url: ch.url(),
+            database: "bench".into(),
+            ..Default::default()
+        }),
+        tables: vec![TableMapping {
+            source_table: "wide".into(),
+            ..Default::default()
+        }],
         mode: PipeMode::SnapshotOnly.into(),
         settings: Some(PipeSettings {
-            snapshot_rows_per_partition: Some(i64::try_from(args.rows.div_ceil(u64::from(args.parallel) * 4).max(1))?),
+            snapshot_rows_per_partition: Some(i64::try_from(
+                args.rows.div_ceil(u64::from(args.parallel) * 4).max(1),
+            )?),
             snapshot_parallel_partitions: Some(i64::from(args.parallel)),
             ..Default::default()
         }),
     };
     let started = Instant::now();
-    client.create_pipe(CreatePipeRequest { spec: Some(spec), secrets: None }).await?;
+    client
+        .create_pipe(CreatePipeRequest {
+            spec: Some(spec),
+            secrets: None,
+        })
+        .await?;
     let done = wait::until(Duration::from_secs(3600), || {
         let mut client = client.clone();
         async move {
-            let pipe = client.get_pipe(GetPipeRequest { name: "bench".into() }).await.ok()?.into_inner().pipe?;
+            let pipe = client
+                .get_pipe(GetPipeRequest {
+                    name: "bench".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .pipe?;
             let status = pipe.status?;
             matches!(status.state(), PipeState::Completed | PipeState::Failed).then_some(status)
         }
@@ -222,8 +315,16 @@ async fn ferry_snapshot(pg: &Postgres, ch: &ClickHouse, etcd: &Etcd, args: &Args
     Ok((rows, peak, seconds))
 }
 
-async fn hand_pipeline(pg: &Postgres, ch: &ClickHouse, schema: &TableSchema) -> anyhow::Result<u64> {
-    let columns: Vec<String> = schema.columns.iter().map(|c| format!("`{}`", c.name)).collect();
+async fn hand_pipeline(
+    pg: &Postgres,
+    ch: &ClickHouse,
+    schema: &TableSchema,
+) -> anyhow::Result<u64> {
+    let columns: Vec<String> = schema
+        .columns
+        .iter()
+        .map(|c| format!("`{}`", c.name))
+        .collect();
     let sql = ferry_clickhouse::ddl::create_table("bench", "hand", schema, Default::default())?;
     let sink = clickhouse_client(ch);
     sink.query(&sql).execute().await?;
@@ -241,7 +342,10 @@ async fn hand_pipeline(pg: &Postgres, ch: &ClickHouse, schema: &TableSchema) -> 
     if !status.success() {
         bail!("hand pipeline failed ({status})");
     }
-    Ok(sink.query("SELECT count() FROM bench.hand").fetch_one::<u64>().await?)
+    Ok(sink
+        .query("SELECT count() FROM bench.hand")
+        .fetch_one::<u64>()
+        .await?)
 }
 
 fn clickhouse_client(ch: &ClickHouse) -> clickhouse::Client {

@@ -264,7 +264,11 @@ async fn partitions_import_the_exported_snapshot_and_fall_back_when_it_is_gone()
     db.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
     let reader = connect(&source(&pg, "postgres"), "").await.unwrap();
     assert!(begin_read(&reader, Some(&snapshot)).await.unwrap());
-    let seen: i64 = reader.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    let seen: i64 = reader
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(seen, 2);
     reader.batch_execute("ROLLBACK").await.unwrap();
 
@@ -277,7 +281,11 @@ async fn partitions_import_the_exported_snapshot_and_fall_back_when_it_is_gone()
         if imported {
             return None;
         }
-        let seen: i64 = reader.query_one("SELECT count(*) FROM t", &[]).await.ok()?.get(0);
+        let seen: i64 = reader
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .ok()?
+            .get(0);
         Some(seen)
     })
     .await;

@@ -22,8 +22,12 @@ use tokio_stream::StreamExt as _;
 
 /// Rows per ClickHouse insert, at most.
 const BATCH_ROWS: u64 = 100_000;
-/// Bytes per ClickHouse insert, at most (checked after each row).
-const BATCH_BYTES: usize = 16 << 20;
+/// Bytes per ClickHouse insert, at most (checked after each COPY chunk). With one batch being
+/// filled and one in flight per partition, this bounds a worker's memory: 4 partitions at
+/// once stay well under 128 MB.
+const BATCH_BYTES: usize = 8 << 20;
+/// Room past the limit for the rows of the COPY chunk that crossed it.
+const BATCH_SLACK: usize = 1 << 20;
 
 /// Why a partition could not be copied.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +155,7 @@ where
     tokio::pin!(stream);
     let mut decoder = CopyDecoder::new(schema.columns.len());
     let mut transcoder = RowTranscoder::new(&schema.columns, options);
-    let mut body = Vec::with_capacity(BATCH_BYTES + (1 << 20));
+    let mut body = Vec::with_capacity(BATCH_BYTES + BATCH_SLACK);
     let mut batch_rows = 0u64;
     let mut rows = 0u64;
     let mut in_flight: Option<JoinHandle<Result<(), PartitionError>>> = None;
@@ -170,7 +174,7 @@ where
             if let Some(previous) = in_flight.take() {
                 previous.await.map_err(PartitionError::Join)??;
             }
-            let full = std::mem::replace(&mut body, Vec::with_capacity(BATCH_BYTES + (1 << 20)));
+            let full = std::mem::replace(&mut body, Vec::with_capacity(BATCH_BYTES + BATCH_SLACK));
             in_flight = Some(tokio::spawn(flush(Bytes::from(full))));
             batch_rows = 0;
         }

@@ -112,7 +112,10 @@ impl Etcd {
             client.status().await.ok().map(|_| ())
         })
         .await;
-        let log = self.dir.path().join(format!("{}.log", self.members[i].name));
+        let log = self
+            .dir
+            .path()
+            .join(format!("{}.log", self.members[i].name));
         ready.ok_or_else(|| not_ready(format!("etcd member {}", self.members[i].name), 20, &log))
     }
 

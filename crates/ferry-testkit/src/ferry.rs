@@ -149,14 +149,30 @@ impl Ferry {
     }
 
     /// Starts a worker of `kind` taking `capacity` units of work at once.
-    pub fn worker_with_capacity(&self, kind: WorkerKind, id: &str, capacity: u32) -> Result<Service, KitError> {
+    pub fn worker_with_capacity(
+        &self,
+        kind: WorkerKind,
+        id: &str,
+        capacity: u32,
+    ) -> Result<Service, KitError> {
         let binary = match kind {
             WorkerKind::Cdc => "ferry-cdc-worker",
             _ => "ferry-snapshot-worker",
         };
         let key = self.key_file.display().to_string();
         let capacity = capacity.to_string();
-        self.spawn(binary, id, &["--worker-id", id, "--secret-key-file", &key, "--capacity", &capacity])
+        self.spawn(
+            binary,
+            id,
+            &[
+                "--worker-id",
+                id,
+                "--secret-key-file",
+                &key,
+                "--capacity",
+                &capacity,
+            ],
+        )
     }
 }
 
