@@ -219,9 +219,9 @@ async fn null_sink(
     ranges: &[SnapshotPartition],
 ) -> anyhow::Result<u64> {
     let mut tasks = Vec::new();
-    for range in ranges.iter().cloned() {
+    for range in ranges {
         let client = pg.client("postgres").await?;
-        let schema = schema.clone();
+        let (schema, range) = (schema.clone(), range.clone());
         tasks.push(tokio::spawn(async move {
             begin_read(&client, None).await?;
             let rows = ferry_snapshot_worker::copy::read_partition(
