@@ -11,7 +11,7 @@ use clickhouse::Client;
 use ferry_clickhouse::ddl::{
     IS_DELETED_COLUMN, Ident, VERSION_COLUMN, create_database, create_table,
 };
-use ferry_clickhouse::transcode::{RowTranscoder, wants_text};
+use ferry_clickhouse::transcode::{RowTranscoder, select_list};
 use ferry_clickhouse::types::MappingOptions;
 use ferry_postgres::copy::CopyDecoder;
 use ferry_postgres::schema::describe_table;
@@ -41,18 +41,7 @@ async fn every_type_survives_the_snapshot_path_value_for_value() {
         .unwrap();
 
     // COPY with text casts where the transcoder wants text, as the snapshot worker reads.
-    let select: Vec<String> = schema
-        .columns
-        .iter()
-        .map(|c| {
-            let name = format!("\"{}\"", c.name);
-            match (wants_text(c, options), c.element_type_oid != 0) {
-                (true, true) => format!("{name}::text[]"),
-                (true, false) => format!("{name}::text"),
-                _ => name,
-            }
-        })
-        .collect();
+    let select = select_list(&schema.columns, options);
     let copy = format!(
         "COPY (SELECT {} FROM public.everything) TO STDOUT (FORMAT binary)",
         select.join(", ")

@@ -68,6 +68,22 @@ pub fn wants_text(column: &ColumnSchema, options: MappingOptions) -> bool {
         )
 }
 
+/// The select list to read `columns` with, so values arrive as the transcoder expects them:
+/// quoted names, cast to text where [`wants_text`] says so.
+pub fn select_list(columns: &[ColumnSchema], options: MappingOptions) -> Vec<String> {
+    columns
+        .iter()
+        .map(|c| {
+            let name = format!("\"{}\"", c.name.replace('"', "\"\""));
+            match (wants_text(c, options), c.element_type_oid != 0) {
+                (true, true) => format!("{name}::text[]"),
+                (true, false) => format!("{name}::text"),
+                _ => name,
+            }
+        })
+        .collect()
+}
+
 /// Writes one column's values.
 #[derive(Debug, Clone)]
 struct ColumnPlan {

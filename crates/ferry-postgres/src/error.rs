@@ -101,6 +101,11 @@ pub enum SourceError {
     },
 }
 
+/// Maps a failed query to [`SourceError::Query`] saying what was being asked.
+pub(crate) fn query_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    move |source| SourceError::Query { what, source }
+}
+
 /// Quotes an identifier for SQL shown to users (and run by Ferry).
 pub(crate) struct Ident<'a>(pub &'a str);
 

@@ -3,11 +3,7 @@
 use tokio_postgres::Client;
 
 use crate::SourceError;
-use crate::error::{Ident, quoted_table};
-
-fn query_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
-    move |source| SourceError::Query { what, source }
-}
+use crate::error::{Ident, query_error, quoted_table};
 
 /// Creates publication `name` for `tables` (schema.table) unless it exists. Partitioned tables
 /// publish through their root, so changes arrive under the table the pipe names.

@@ -5,14 +5,10 @@ use ferry_proto::v1::{SnapshotPartition, TableSchema};
 use tokio_postgres::Client;
 
 use crate::SourceError;
-use crate::error::quoted_table;
+use crate::error::{query_error, quoted_table};
 
 /// Most partitions one table is split into (PeerDB's cap).
 pub const MAX_PARTITIONS: u64 = 1000;
-
-fn query_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
-    move |source| SourceError::Query { what, source }
-}
 
 /// Splits a table into ctid block ranges of about `rows_per_partition` rows. A partitioned
 /// table is planned per leaf partition (ctids are per relation). The last range of each

@@ -7,10 +7,7 @@ use ferry_proto::v1::PipeSpec;
 use tokio_postgres::Client;
 
 use crate::SourceError;
-
-fn query_error(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
-    move |source| SourceError::Query { what, source }
-}
+use crate::error::query_error;
 
 /// Checks everything Setup needs from the source for `spec`. `slot` is the replication slot
 /// the pipe uses: if it already exists (Setup re-run after a crash) it needs no free slot.

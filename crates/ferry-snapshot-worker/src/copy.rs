@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ferry_clickhouse::sink::{Sink, SinkError};
-use ferry_clickhouse::transcode::{RowTranscoder, TranscodeError, wants_text};
+use ferry_clickhouse::transcode::{RowTranscoder, TranscodeError, select_list};
 use ferry_clickhouse::types::MappingOptions;
 use ferry_core::secret::{SecretError, SecretKey};
 use ferry_postgres::copy::{CopyDecoder, CopyError, DecodeError};
@@ -135,18 +135,7 @@ where
     Fut: Future<Output = Result<(), PartitionError>> + Send + 'static,
 {
     let options = MappingOptions::default();
-    let select: Vec<String> = schema
-        .columns
-        .iter()
-        .map(|c| {
-            let name = format!("\"{}\"", c.name.replace('"', "\"\""));
-            match (wants_text(c, options), c.element_type_oid != 0) {
-                (true, true) => format!("{name}::text[]"),
-                (true, false) => format!("{name}::text"),
-                _ => name,
-            }
-        })
-        .collect();
+    let select = select_list(&schema.columns, options);
     let query = snapshot::copy_query(partition, &select);
     let stream = source
         .copy_out(query.as_str())
