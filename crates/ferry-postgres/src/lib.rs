@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod copy;
 mod error;
+pub mod pgoutput;
 pub mod replication;
 pub mod schema;
 pub mod snapshot;
