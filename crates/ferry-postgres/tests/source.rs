@@ -291,3 +291,50 @@ async fn partitions_import_the_exported_snapshot_and_fall_back_when_it_is_gone()
     .await;
     assert_eq!(gone, Some(3));
 }
+
+#[tokio::test]
+async fn slot_and_publication_setup_is_idempotent_and_drops_cleanly() {
+    use ferry_postgres::replication::{
+        drop_publication, drop_slot, ensure_publication, ensure_slot,
+    };
+    let pg = Postgres::start().await.unwrap();
+    let db = admin(&pg).await;
+    db.batch_execute("CREATE TABLE \"Odd \"\"name\"\"\" (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let client = connect(&source(&pg, "postgres"), "").await.unwrap();
+    let tables = ["public.Odd \"name\"".to_owned()];
+    // A Setup re-run after a crash finds both already there and carries on.
+    assert!(
+        ensure_publication(&client, "ferry_p", &tables)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !ensure_publication(&client, "ferry_p", &tables)
+            .await
+            .unwrap()
+    );
+    assert!(ensure_slot(&client, "ferry_p").await.unwrap());
+    assert!(!ensure_slot(&client, "ferry_p").await.unwrap());
+    let published: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'ferry_p'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 1);
+    // Dropping twice is harmless too (a delete retried after a crash).
+    for _ in 0..2 {
+        drop_slot(&client, "ferry_p").await.unwrap();
+        drop_publication(&client, "ferry_p").await.unwrap();
+    }
+    let left: i64 = db
+        .query_one("SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
