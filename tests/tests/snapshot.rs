@@ -123,7 +123,7 @@ async fn partitions(ferry: &Ferry, pipe: &str) -> Vec<SnapshotPartition> {
         .await
         .unwrap()
         .into_iter()
-        .map(|(_, p)| p)
+        .map(|p| p.partition)
         .collect()
 }
 

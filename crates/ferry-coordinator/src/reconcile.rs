@@ -74,30 +74,47 @@ enum Job {
     Cleanup,
 }
 
-/// Per-pipe tasks of this leadership; dropping the set aborts them all.
+/// Per-pipe tasks of this leadership; dropping the set aborts them all. Each remembers the
+/// status revision it was started for: a job that finished is not started again for the same
+/// revision (the pass that listed the pipe before the job moved it must not repeat it).
 #[derive(Debug, Default)]
-struct Tasks(HashMap<(String, Job), JoinHandle<()>>);
+struct Tasks(HashMap<(String, Job), (i64, JoinHandle<()>)>);
 
 impl Tasks {
-    /// Starts `job` for `pipe` unless it is already running.
-    fn ensure(&mut self, pipe: &str, job: Job, work: impl Future<Output = ()> + Send + 'static) {
+    /// Starts `job` for `pipe` at `revision` unless it runs, or already ran for that revision.
+    fn ensure(
+        &mut self,
+        pipe: &str,
+        job: Job,
+        revision: i64,
+        work: impl Future<Output = ()> + Send + 'static,
+    ) {
         let key = (pipe.to_owned(), job);
-        if self.0.get(&key).is_some_and(|task| !task.is_finished()) {
+        if let Some((started_for, task)) = self.0.get(&key)
+            && (!task.is_finished() || *started_for == revision)
+        {
             return;
         }
         let span = info_span!("job", pipe = %pipe, job = ?job);
-        self.0.insert(key, tokio::spawn(work.instrument(span)));
+        self.0
+            .insert(key, (revision, tokio::spawn(work.instrument(span))));
+    }
+
+    fn running(&self, pipe: &str, job: Job) -> bool {
+        self.0
+            .get(&(pipe.to_owned(), job))
+            .is_some_and(|(_, task)| !task.is_finished())
     }
 
     fn stop(&mut self, pipe: &str, job: Job) {
-        if let Some(task) = self.0.remove(&(pipe.to_owned(), job)) {
+        if let Some((_, task)) = self.0.remove(&(pipe.to_owned(), job)) {
             task.abort();
         }
     }
 
     /// Aborts the tasks of pipes that no longer exist.
     fn retain_pipes(&mut self, live: &BTreeMap<String, PipeRecord>) {
-        self.0.retain(|(pipe, _), task| {
+        self.0.retain(|(pipe, _), (_, task)| {
             let keep = live.contains_key(pipe);
             if !keep {
                 task.abort();
@@ -109,7 +126,7 @@ impl Tasks {
 
 impl Drop for Tasks {
     fn drop(&mut self) {
-        for task in self.0.values() {
+        for (_, task) in self.0.values() {
             task.abort();
         }
     }
@@ -252,30 +269,33 @@ async fn reconcile_pipe(
         }
         PipeState::Setup => {
             let (ctx, record) = (ctx.clone(), record.clone());
-            tasks.ensure(name, Job::Setup, async move {
-                if let Err(error) = setup::run(ctx, record).await {
-                    warn!(error = %error_chain(&error), "setup interrupted; the next pass retries");
-                }
+            tasks.ensure(name, Job::Setup, record.status_revision, async move {
+                retrying("setup", || setup::run(ctx.clone(), record.clone())).await;
             });
             Ok(())
         }
         PipeState::Snapshot => {
             let (holder_ctx, holder_record, me) =
                 (ctx.clone(), record.clone(), reconciler.me.clone());
+            // The holder lives as long as the pipe is in Snapshot under this leadership.
             tasks.ensure(
                 name,
                 Job::HoldSnapshot,
+                0,
                 snapshot::hold(holder_ctx, holder_record, me),
             );
             snapshot::advance(ctx, record).await
         }
         PipeState::Deleting => {
-            tasks.stop(name, Job::Setup);
+            // A running Setup may be creating the slot or publication right now: let it end
+            // (it is bounded by timeouts) so cleanup drops what it created.
+            if tasks.running(name, Job::Setup) {
+                debug!("waiting for setup to finish before cleaning up");
+                return Ok(());
+            }
             let (ctx, record) = (ctx.clone(), record.clone());
-            tasks.ensure(name, Job::Cleanup, async move {
-                if let Err(error) = cleanup(&ctx, &record).await {
-                    warn!(error = %error_chain(&error), "cleanup interrupted; the next pass retries");
-                }
+            tasks.ensure(name, Job::Cleanup, record.status_revision, async move {
+                retrying("cleanup", || cleanup(&ctx, &record)).await;
             });
             Ok(())
         }
@@ -289,28 +309,46 @@ async fn reconcile_pipe(
     }
 }
 
-/// Drops what the pipe created in Postgres, then its keys. If the source cannot be reached
-/// the pipe stays in Deleting with the reason shown, and the next pass tries again: a slot
-/// left behind would pin WAL on the source forever.
+/// Runs a job until it succeeds, retrying what etcd failed; stops if the leadership or the
+/// pipe moved on (fenced, or a compare-and-swap lost), since a later pass decides then.
+async fn retrying<F, Fut>(job: &'static str, run: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    loop {
+        match run().await {
+            Ok(()) | Err(StoreError::Fenced | StoreError::Conflict { .. }) => return,
+            Err(error) => {
+                warn!(job, error = %error_chain(&error), "interrupted; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
+
+/// Drops what the pipe created in Postgres, then its keys. Until the source can be reached
+/// the pipe stays in Deleting with the reason shown, and cleanup keeps trying: a slot left
+/// behind would pin WAL on the source forever.
 async fn cleanup(ctx: &SetupContext, record: &PipeRecord) -> Result<(), StoreError> {
     let name = &record.spec.name;
-    if let Err(problem) = setup::release_source(ctx, record).await {
+    let mut revision = record.status_revision;
+    let mut status = record.status.clone();
+    while let Err(problem) = setup::release_source(ctx, record).await {
         let reason = format!(
             "cannot drop the pipe's replication slot or publication yet ({}); retrying",
             error_chain(&problem)
         );
-        if record.status.reason != reason {
-            let mut status = record.status.clone();
+        if status.reason != reason {
             status.reason = reason;
-            ctx.store
-                .put_pipe_status(&ctx.fence, name, record.status_revision, &status)
+            revision = ctx
+                .store
+                .put_pipe_status(&ctx.fence, name, revision, &status)
                 .await?;
         }
-        return Ok(());
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    ctx.store
-        .delete_pipe(&ctx.fence, name, record.status_revision)
-        .await?;
+    ctx.store.delete_pipe(&ctx.fence, name, revision).await?;
     info!(pipe = %name, "pipe deleted");
     Ok(())
 }

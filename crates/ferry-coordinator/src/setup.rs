@@ -266,7 +266,7 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
             }
         }
         ctx.store
-            .put_snapshot_plan(&ctx.fence, name, &partitions)
+            .put_snapshot_plan(&ctx.fence, name, record.status_revision, &partitions)
             .await?;
     }
     Ok(Prepared {

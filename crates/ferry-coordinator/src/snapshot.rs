@@ -1,7 +1,14 @@
 //! The coordinator's part of a snapshot: holding the exported snapshot the partitions import,
 //! keeping per-table progress in the pipe's status, and finishing the snapshot.
+//!
+//! Every partition of a table must be read under the same snapshot: a row an UPDATE moves
+//! from a block not yet read into a block already read would otherwise be missed, and CDC
+//! cannot fully repair it (pgoutput omits unchanged TOAST values). So the holder re-exports
+//! when its transaction dies, partitions record the snapshot they were read under, and a table
+//! whose finished partitions were read under an older snapshot is read again.
 
-use std::time::SystemTime;
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
 
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_postgres::{connection, snapshot};
@@ -14,59 +21,59 @@ use crate::setup::{self, SetupContext, SetupProblem, table_progress};
 
 /// Failed attempts at one partition before the pipe fails (a transient error gets retries).
 const MAX_PARTITION_ATTEMPTS: u32 = 3;
+/// How often the holder checks that its exporting transaction is alive.
+const HOLDER_CHECK: Duration = Duration::from_secs(2);
 
 /// Exports a snapshot, publishes it, and keeps its transaction open until aborted (the pipe
-/// leaves Snapshot or this coordinator stops leading). If no snapshot can be exported, an
-/// empty id is published so workers read fresh snapshots instead of waiting: the copy still
-/// converges for CDC pipes (DESIGN.md §4); a snapshot-only pipe is then consistent per
-/// partition rather than across partitions.
+/// leaves Snapshot or this coordinator stops leading); exports again whenever the
+/// transaction dies.
 pub(crate) async fn hold(ctx: SetupContext, record: PipeRecord, me: String) {
     let name = record.spec.name.clone();
-    let exported = async {
-        let secrets = setup::open_secrets(&ctx.store, &ctx.key, &name).await?;
-        let source = record.spec.source.clone().unwrap_or_default();
-        let client = connection::connect(&source, &secrets.source_password).await?;
-        let id = snapshot::export_snapshot(&client).await?;
-        Ok::<_, SetupProblem>((client, id))
-    }
-    .await;
-    let (client, snapshot_id) = match exported {
-        Ok((client, id)) => (Some(client), id),
-        Err(problem) => {
-            warn!(pipe = %name, error = %error_chain(&problem), "cannot export a snapshot; partitions read fresh ones");
-            (None, String::new())
+    loop {
+        let exported = async {
+            let secrets = setup::open_secrets(&ctx.store, &ctx.key, &name).await?;
+            let source = record.spec.source.clone().unwrap_or_default();
+            let client = connection::connect(&source, &secrets.source_password).await?;
+            let id = snapshot::export_snapshot(&client).await?;
+            let published = ExportedSnapshot {
+                snapshot_id: id.clone(),
+                holder: me.clone(),
+                exported_at: Some(SystemTime::now().into()),
+            };
+            ctx.store
+                .put_exported_snapshot(&ctx.fence, &name, &published)
+                .await?;
+            Ok::<_, SetupProblem>((client, id))
         }
-    };
-    let published = ExportedSnapshot {
-        snapshot_id: snapshot_id.clone(),
-        holder: me,
-        exported_at: Some(SystemTime::now().into()),
-    };
-    if let Err(error) = ctx
-        .store
-        .put_exported_snapshot(&ctx.fence, &name, &published)
-        .await
-    {
-        warn!(pipe = %name, error = %error_chain(&error), "cannot publish the exported snapshot");
-        return;
+        .await;
+        match exported {
+            Ok((client, id)) => {
+                info!(pipe = %name, snapshot = %id, "holding exported snapshot");
+                // The snapshot lives as long as this transaction; watch that it does.
+                while client.simple_query("SELECT 1").await.is_ok() {
+                    tokio::time::sleep(HOLDER_CHECK).await;
+                }
+                warn!(pipe = %name, snapshot = %id, "exported snapshot lost; exporting again");
+            }
+            Err(SetupProblem::Store(StoreError::Fenced)) => return,
+            Err(problem) => {
+                warn!(pipe = %name, error = %error_chain(&problem), "cannot export a snapshot; retrying");
+                tokio::time::sleep(HOLDER_CHECK).await;
+            }
+        }
     }
-    info!(pipe = %name, snapshot = %snapshot_id, "holding exported snapshot");
-    // The snapshot lives as long as this connection's transaction.
-    std::future::pending::<()>().await;
-    drop(client);
 }
 
-/// Updates the pipe's per-table progress from the plan, and finishes the snapshot once every
-/// partition is done.
+/// Updates the pipe's per-table progress from the plan, re-queues partitions read under an
+/// older snapshot, and finishes the snapshot once every partition is done.
 pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(), StoreError> {
     let name = &record.spec.name;
-    let plan: Vec<_> = ctx
-        .store
-        .snapshot_plan(name)
-        .await?
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
+    let planned = ctx.store.snapshot_plan(name).await?;
+    // Every table has at least one partition: an empty plan is one being (re)written.
+    if planned.is_empty() {
+        return Ok(());
+    }
+    let plan: Vec<_> = planned.iter().map(|p| p.partition.clone()).collect();
     let progress = table_progress(&record.spec, &plan);
     if let Some(stuck) = plan
         .iter()
@@ -81,15 +88,16 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
             table: stuck.source_table.clone(),
             occurred_at: Some(SystemTime::now().into()),
         };
-        let status = lifecycle::apply(
+        let now = SystemTime::now();
+        let failed = lifecycle::apply(
             &record.status,
             record.spec.mode(),
             PipeEvent::Failed,
             "snapshot failed",
             Some(error),
-            SystemTime::now(),
+            now,
         );
-        if let Ok(mut status) = status {
+        if let Ok(mut status) = failed {
             status.tables = progress;
             ctx.store
                 .put_pipe_status(&ctx.fence, name, record.status_revision, &status)
@@ -98,17 +106,51 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         }
         return Ok(());
     }
+    // Each table must be read under one snapshot. A table that is not finished, or whose
+    // finished partitions disagree, is completed under the current one.
+    if let Some(current) = ctx.store.exported_snapshot(name).await? {
+        let mut stale = Vec::new();
+        let tables: BTreeSet<&str> = plan.iter().map(|p| p.source_table.as_str()).collect();
+        for table in tables {
+            let parts: Vec<_> = planned
+                .iter()
+                .filter(|p| p.partition.source_table == table)
+                .collect();
+            let unfinished = parts.iter().any(|p| !p.partition.done);
+            let ids: BTreeSet<&str> = parts
+                .iter()
+                .filter(|p| p.partition.done)
+                .map(|p| p.partition.snapshot_id.as_str())
+                .collect();
+            if unfinished || ids.len() > 1 {
+                stale.extend(
+                    parts
+                        .into_iter()
+                        .filter(|p| {
+                            p.partition.done && p.partition.snapshot_id != current.snapshot_id
+                        })
+                        .cloned(),
+                );
+            }
+        }
+        if !stale.is_empty() {
+            warn!(pipe = %name, partitions = stale.len(), "partitions read under an older snapshot; reading them again");
+            ctx.store.reset_partitions(&ctx.fence, &stale).await?;
+            return Ok(());
+        }
+    }
     let finished = plan.iter().all(|p| p.done);
     let mut status = if finished {
         let rows: u64 = plan.iter().map(|p| p.rows_copied).sum();
         let reason = format!("snapshot done: {rows} rows in {} partition(s)", plan.len());
+        let now = SystemTime::now();
         match lifecycle::apply(
             &record.status,
             record.spec.mode(),
             PipeEvent::SnapshotDone,
             reason,
             None,
-            SystemTime::now(),
+            now,
         ) {
             Ok(status) => status,
             Err(_) => return Ok(()),

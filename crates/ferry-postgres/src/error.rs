@@ -39,6 +39,12 @@ pub enum SourceError {
         /// What.
         detail: String,
     },
+    /// The exported snapshot to import no longer exists (its holder ended).
+    #[error("exported snapshot {snapshot} is gone")]
+    SnapshotGone {
+        /// Its id.
+        snapshot: String,
+    },
     /// `wal_level` is not `logical`.
     #[error("wal_level is {actual}, logical replication needs logical")]
     WalLevel {
@@ -131,6 +137,7 @@ impl SourceError {
             Self::AuthFailed { user, .. } => format!("check the password given in secrets.source_password and that pg_hba.conf allows {user} to connect from Ferry's address, for replication too"),
             Self::TlsUnsupported(_) => "use ssl_mode disable or prefer".into(),
             Self::Query { .. } | Self::Catalog { .. } => "check the Postgres server log; retry once the cause is fixed".into(),
+            Self::SnapshotGone { .. } => "none: the coordinator exports a new snapshot and the partition is read again".into(),
             Self::WalLevel { .. } => "run ALTER SYSTEM SET wal_level = logical; then restart Postgres".into(),
             Self::NotReplicationRole { user } => format!("run ALTER ROLE {} REPLICATION;", Ident(user)),
             Self::NoFreeSlots { .. } => "drop unused slots (SELECT slot_name FROM pg_replication_slots WHERE NOT active) or raise max_replication_slots and restart Postgres".into(),

@@ -96,39 +96,40 @@ pub async fn export_snapshot(client: &Client) -> Result<String, SourceError> {
     Ok(row.get(0))
 }
 
-/// Starts the read transaction of a partition, importing `snapshot` when given. Returns
-/// whether the snapshot was imported: if its holder is gone, Postgres refuses it and the read
-/// proceeds on a fresh snapshot (the copy still converges, see DESIGN.md §4).
-pub async fn begin_read(client: &Client, snapshot: Option<&str>) -> Result<bool, SourceError> {
+/// Starts the read transaction of a partition, importing `snapshot` when given (`None` reads
+/// a fresh snapshot: benchmarks, tests). If the snapshot's holder is gone Postgres refuses the
+/// import and this returns [`SourceError::SnapshotGone`]: the caller waits for a new export
+/// rather than read a different point in time than the table's other partitions.
+pub async fn begin_read(client: &Client, snapshot: Option<&str>) -> Result<(), SourceError> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await
         .map_err(query_error("read transaction"))?;
     let Some(snapshot) = snapshot else {
-        return Ok(false);
+        return Ok(());
     };
+    if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(SourceError::SnapshotGone {
+            snapshot: snapshot.to_owned(),
+        });
+    }
     let import = client
-        .execute(
-            &format!(
-                "SET TRANSACTION SNAPSHOT '{}'",
-                snapshot.replace('\'', "''")
-            ),
-            &[],
-        )
+        .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
         .await;
     match import {
-        Ok(_) => Ok(true),
-        Err(error) => {
-            tracing::warn!(%error, snapshot, "exported snapshot is gone; reading a fresh one");
-            client
-                .batch_execute("ROLLBACK")
-                .await
-                .map_err(query_error("rollback"))?;
-            client
-                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .await
-                .map_err(query_error("read transaction"))?;
-            Ok(false)
+        Ok(()) => Ok(()),
+        // 22023: "invalid snapshot identifier" — the exporting transaction has ended.
+        Err(error)
+            if error.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) =>
+        {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(SourceError::SnapshotGone {
+                snapshot: snapshot.to_owned(),
+            })
         }
+        Err(error) => Err(SourceError::Query {
+            what: "snapshot import",
+            source: error,
+        }),
     }
 }

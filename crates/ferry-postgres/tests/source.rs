@@ -251,7 +251,7 @@ async fn tables_are_described_with_types_keys_and_estimates() {
 }
 
 #[tokio::test]
-async fn partitions_import_the_exported_snapshot_and_fall_back_when_it_is_gone() {
+async fn partitions_import_the_exported_snapshot_and_know_when_it_is_gone() {
     use ferry_postgres::snapshot::{begin_read, export_snapshot};
     let pg = Postgres::start().await.unwrap();
     let db = admin(&pg).await;
@@ -263,7 +263,7 @@ async fn partitions_import_the_exported_snapshot_and_fall_back_when_it_is_gone()
     // A row committed after the export is invisible to readers that import it.
     db.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
     let reader = connect(&source(&pg, "postgres"), "").await.unwrap();
-    assert!(begin_read(&reader, Some(&snapshot)).await.unwrap());
+    begin_read(&reader, Some(&snapshot)).await.unwrap();
     let seen: i64 = reader
         .query_one("SELECT count(*) FROM t", &[])
         .await
@@ -272,24 +272,23 @@ async fn partitions_import_the_exported_snapshot_and_fall_back_when_it_is_gone()
     assert_eq!(seen, 2);
     reader.batch_execute("ROLLBACK").await.unwrap();
 
-    // The holder goes away: the snapshot cannot be imported any more, and the read goes on
-    // with a fresh snapshot (which sees the later row: version 0 rows, corrected by CDC).
+    // The holder goes away: the import is refused with a typed error (the worker then waits
+    // for a new export instead of reading another point in time).
     drop(holder);
     let gone = ferry_testkit::wait::until(std::time::Duration::from_secs(10), || async {
         let reader = connect(&source(&pg, "postgres"), "").await.ok()?;
-        let imported = begin_read(&reader, Some(&snapshot)).await.ok()?;
-        if imported {
-            return None;
+        match begin_read(&reader, Some(&snapshot)).await {
+            Err(SourceError::SnapshotGone { .. }) => Some(()),
+            _ => None,
         }
-        let seen: i64 = reader
-            .query_one("SELECT count(*) FROM t", &[])
-            .await
-            .ok()?
-            .get(0);
-        Some(seen)
     })
     .await;
-    assert_eq!(gone, Some(3));
+    assert!(gone.is_some());
+    let reader = connect(&source(&pg, "postgres"), "").await.unwrap();
+    let err = begin_read(&reader, Some("'; DROP TABLE t; --"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::SnapshotGone { .. }), "{err:?}");
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ use ferry_clickhouse::sink::{Sink, SinkError};
 use ferry_clickhouse::transcode::{RowTranscoder, TranscodeError, select_list};
 use ferry_clickhouse::types::MappingOptions;
 use ferry_core::secret::{SecretError, SecretKey};
+use ferry_core::spec::source_table_name;
 use ferry_postgres::copy::{CopyDecoder, CopyError, DecodeError};
 use ferry_postgres::{SourceError, connection, snapshot};
 use ferry_proto::v1::{PipeSpec, SnapshotPartition, TableSchema, TableState};
@@ -61,15 +62,6 @@ pub enum PartitionError {
     NoSchema(String),
 }
 
-/// What one copy produced.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Copied {
-    /// Rows written.
-    pub rows: u64,
-    /// Whether the exported snapshot was imported.
-    pub imported_snapshot: bool,
-}
-
 /// Copies `partition` of the pipe `spec` into its destination table.
 pub async fn copy_partition(
     store: &Store,
@@ -78,7 +70,7 @@ pub async fn copy_partition(
     state: &TableState,
     partition: &SnapshotPartition,
     exported_snapshot: Option<&str>,
-) -> Result<Copied, PartitionError> {
+) -> Result<u64, PartitionError> {
     let schema = state
         .schema
         .as_ref()
@@ -86,7 +78,7 @@ pub async fn copy_partition(
     let mapping = spec
         .tables
         .iter()
-        .find(|t| format!("{}.{}", t.source_schema, t.source_table) == partition.source_table)
+        .find(|t| source_table_name(t) == partition.source_table)
         .ok_or_else(|| PartitionError::NoSchema(partition.source_table.clone()))?;
     let sealed = store
         .get_pipe_secrets(&spec.name)
@@ -101,7 +93,7 @@ pub async fn copy_partition(
         &secrets.source_password,
     )
     .await?;
-    let imported_snapshot = snapshot::begin_read(&source, exported_snapshot).await?;
+    snapshot::begin_read(&source, exported_snapshot).await?;
     let sink = Sink::new(
         &spec.destination.clone().unwrap_or_default(),
         &secrets.destination_password,
@@ -114,10 +106,7 @@ pub async fn copy_partition(
     .await?;
     // Read-only: nothing to commit; ending the transaction frees the snapshot import.
     let _ = source.batch_execute("ROLLBACK").await;
-    Ok(Copied {
-        rows,
-        imported_snapshot,
-    })
+    Ok(rows)
 }
 
 /// Reads one partition with binary COPY on `source` (in the transaction the caller opened),
@@ -147,7 +136,8 @@ where
     let mut body = Vec::with_capacity(BATCH_BYTES + BATCH_SLACK);
     let mut batch_rows = 0u64;
     let mut rows = 0u64;
-    let mut in_flight: Option<JoinHandle<Result<(), PartitionError>>> = None;
+    // Aborted if this function is (a lost claim must not keep writing).
+    let mut in_flight: Option<AbortOnDrop> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(PartitionError::Copy)?;
         let decoded = decoder.feed(&chunk, |fields| {
@@ -161,16 +151,16 @@ where
         })?;
         if batch_rows >= BATCH_ROWS || body.len() >= BATCH_BYTES {
             if let Some(previous) = in_flight.take() {
-                previous.await.map_err(PartitionError::Join)??;
+                previous.finish().await?;
             }
             let full = std::mem::replace(&mut body, Vec::with_capacity(BATCH_BYTES + BATCH_SLACK));
-            in_flight = Some(tokio::spawn(flush(Bytes::from(full))));
+            in_flight = Some(AbortOnDrop(Some(tokio::spawn(flush(Bytes::from(full))))));
             batch_rows = 0;
         }
     }
     decoder.finish()?;
     if let Some(previous) = in_flight.take() {
-        previous.await.map_err(PartitionError::Join)??;
+        previous.finish().await?;
     }
     if !body.is_empty() {
         flush(Bytes::from(body)).await?;
@@ -186,4 +176,24 @@ where
         );
     }
     Ok(rows)
+}
+
+/// An insert task that is aborted if dropped before it is awaited.
+struct AbortOnDrop(Option<JoinHandle<Result<(), PartitionError>>>);
+
+impl AbortOnDrop {
+    async fn finish(mut self) -> Result<(), PartitionError> {
+        match self.0.take() {
+            Some(task) => task.await.map_err(PartitionError::Join)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }

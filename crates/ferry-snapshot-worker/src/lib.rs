@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use ferry_core::PipeState;
 use ferry_core::spec::{DEFAULT_PARALLEL_PARTITIONS, DEFAULT_PARALLEL_TABLES};
+use ferry_postgres::SourceError;
 use ferry_proto::v1::SnapshotPartition;
 use ferry_server::membership::Member;
 use ferry_server::telemetry::error_chain;
@@ -25,26 +26,28 @@ use tracing::{Instrument as _, info, info_span, warn};
 /// How often the worker looks for work when it has capacity.
 const POLL: Duration = Duration::from_millis(500);
 
+/// A copy in progress, by owner key.
+type Running = HashMap<String, (String, JoinHandle<()>)>;
+
 /// Runs until shutdown.
 pub async fn run(ctx: WorkerContext) {
-    let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut running: Running = HashMap::new();
     let mut membership = ctx.membership.clone();
     loop {
-        running.retain(|_, task| !task.is_finished());
+        running.retain(|_, (_, task)| !task.is_finished());
         let member = membership.borrow_and_update().clone();
         match member {
             None => {
                 // No live session: nothing we hold is ours any more (self-fencing).
-                for (_, task) in running.drain() {
+                for (_, (_, task)) in running.drain() {
                     task.abort();
                 }
             }
-            Some(member) if running.len() < ctx.capacity as usize => {
+            Some(member) => {
                 if let Err(error) = schedule(&ctx, &member, &mut running).await {
                     warn!(error = %error_chain(&error), "cannot look for snapshot work");
                 }
             }
-            Some(_) => {}
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
@@ -52,28 +55,53 @@ pub async fn run(ctx: WorkerContext) {
             _ = ctx.shutdown.requested() => break,
         }
     }
-    for (_, task) in running.drain() {
+    for (_, (_, task)) in running.drain() {
         task.abort();
     }
 }
 
-/// Claims what this worker may take now and starts copying it.
+/// Stops copies of pipes that left Snapshot, releases claims of ours that have no copy (left
+/// by an ambiguous etcd failure), then claims what this worker may take now.
 async fn schedule(
     ctx: &WorkerContext,
     member: &Member,
-    running: &mut HashMap<String, JoinHandle<()>>,
+    running: &mut Running,
 ) -> Result<(), StoreError> {
     let listing = ctx.store.list_pipes().await?;
-    for record in listing.pipes.values() {
-        if record.status.state() != PipeState::Snapshot {
+    let snapshotting: Vec<&PipeRecord> = listing
+        .pipes
+        .values()
+        .filter(|r| r.status.state() == PipeState::Snapshot)
+        .collect();
+    running.retain(|key, (pipe, task)| {
+        let keep = snapshotting.iter().any(|r| &r.spec.name == pipe);
+        if !keep {
+            info!(claim = %key, "pipe left the snapshot; stopping its copy");
+            task.abort();
+            ctx.claims.remove(key);
+        }
+        keep
+    });
+    for record in snapshotting {
+        let name = &record.spec.name;
+        let claims = ctx.store.snapshot_claims(name).await?;
+        for (key, holder, lease) in &claims {
+            if *holder == ctx.worker_id
+                && *lease == member.session.lease_id()
+                && !running.contains_key(key)
+            {
+                warn!(claim = %key, "releasing a claim without a copy");
+                ctx.store.drop_claim(key, *lease).await?;
+            }
+        }
+        if running.len() >= ctx.capacity as usize {
             continue;
         }
-        // Wait for the coordinator to publish the snapshot to import (or that there is none).
-        let Some(exported) = ctx.store.exported_snapshot(&record.spec.name).await? else {
+        // Partitions are read only under the coordinator's exported snapshot.
+        let Some(exported) = ctx.store.exported_snapshot(name).await? else {
             continue;
         };
-        let plan = ctx.store.snapshot_plan(&record.spec.name).await?;
-        let claims = ctx.store.snapshot_claims(&record.spec.name).await?;
+        let plan = ctx.store.snapshot_plan(name).await?;
         let settings = record.spec.settings.unwrap_or_default();
         let per_table = usize::try_from(
             settings
@@ -88,38 +116,32 @@ async fn schedule(
         )
         .unwrap_or(1);
         // Claimed partitions per table, across all workers.
+        let owners = ctx.store.keys().snapshot_owners(name);
         let mut active: BTreeMap<String, usize> = BTreeMap::new();
-        let owners = ctx.store.keys().snapshot_owners(&record.spec.name);
-        for claim in &claims {
-            if let Some((table, _)) = claim
+        for (key, ..) in &claims {
+            if let Some((table, _)) = key
                 .strip_prefix(owners.as_str())
                 .and_then(|rest| rest.rsplit_once('/'))
             {
                 *active.entry(table.to_owned()).or_default() += 1;
             }
         }
-        let claimed: Vec<&str> = claims.iter().map(|c| c.as_str()).collect();
-        let states: HashMap<String, _> = ctx
-            .store
-            .table_states(&record.spec.name)
-            .await?
-            .into_iter()
-            .collect();
-        for (_, partition) in plan {
+        let claimed: Vec<&str> = claims.iter().map(|(key, ..)| key.as_str()).collect();
+        let states: HashMap<String, _> = ctx.store.table_states(name).await?.into_iter().collect();
+        for planned in plan {
             if running.len() >= ctx.capacity as usize {
-                return Ok(());
+                break;
             }
-            let owner = ctx.store.keys().snapshot_owner(
-                &record.spec.name,
-                &partition.source_table,
-                partition.index,
-            );
+            let partition = &planned.partition;
+            let owner =
+                ctx.store
+                    .keys()
+                    .snapshot_owner(name, &partition.source_table, partition.index);
             if partition.done || claimed.contains(&owner.as_str()) {
                 continue;
             }
             let table_active = active.get(&partition.source_table).copied().unwrap_or(0);
-            let new_table = table_active == 0;
-            if table_active >= per_table || (new_table && active.len() >= tables_at_once) {
+            if table_active >= per_table || (table_active == 0 && active.len() >= tables_at_once) {
                 continue;
             }
             let Some(state) = states.get(&partition.source_table).cloned() else {
@@ -127,30 +149,27 @@ async fn schedule(
             };
             let Some(claim) = ctx
                 .store
-                .claim_partition(
-                    &member.session,
-                    &record.spec.name,
-                    &partition,
-                    &ctx.worker_id,
-                )
+                .claim_partition(&member.session, name, &planned, &ctx.worker_id)
                 .await?
             else {
                 continue;
             };
             *active.entry(partition.source_table.clone()).or_default() += 1;
             ctx.claims.add(&claim.key);
-            let snapshot = (!exported.snapshot_id.is_empty()).then(|| exported.snapshot_id.clone());
-            let span = info_span!("partition", pipe = %record.spec.name, table = %partition.source_table, partition = partition.index, worker = %ctx.worker_id);
+            let span = info_span!("partition", pipe = %name, table = %partition.source_table, partition = partition.index, worker = %ctx.worker_id);
             let task = copy_claimed(
                 ctx.clone(),
                 member.clone(),
                 record.clone(),
                 state,
-                partition,
+                planned.partition.clone(),
                 claim.clone(),
-                snapshot,
+                exported.snapshot_id.clone(),
             );
-            running.insert(claim.key, tokio::spawn(task.instrument(span)));
+            running.insert(
+                claim.key,
+                (name.clone(), tokio::spawn(task.instrument(span))),
+            );
         }
     }
     Ok(())
@@ -164,11 +183,11 @@ async fn copy_claimed(
     state: ferry_proto::v1::TableState,
     mut partition: SnapshotPartition,
     claim: Claim,
-    snapshot: Option<String>,
+    snapshot: String,
 ) {
     let session = Arc::clone(&member.session);
     let copied = tokio::select! {
-        copied = copy::copy_partition(&ctx.store, &ctx.secret_key, &record.spec, &state, &partition, snapshot.as_deref()) => copied,
+        copied = copy::copy_partition(&ctx.store, &ctx.secret_key, &record.spec, &state, &partition, Some(&snapshot)) => copied,
         _ = session.lost() => {
             warn!("session lost; abandoning the partition");
             ctx.claims.remove(&claim.key);
@@ -176,28 +195,18 @@ async fn copy_claimed(
         }
     };
     let outcome = match copied {
-        Ok(copied) => {
+        Ok(rows) => {
             partition.done = true;
-            partition.rows_copied = copied.rows;
+            partition.rows_copied = rows;
             partition.worker_id = ctx.worker_id.clone();
+            partition.snapshot_id = snapshot;
             partition.last_error.clear();
-            match ctx.store.complete_partition(&claim, &partition).await {
-                Ok(true) => {
-                    info!(
-                        rows = copied.rows,
-                        imported_snapshot = copied.imported_snapshot,
-                        "partition copied"
-                    );
-                    Ok(())
-                }
-                Ok(false) => {
-                    warn!(
-                        "claim lost before the partition was marked done; another worker redoes it"
-                    );
-                    Ok(())
-                }
-                Err(error) => Err(error),
-            }
+            complete(&ctx, &claim, &partition).await
+        }
+        // Not the partition's fault: wait for the coordinator's next export.
+        Err(copy::PartitionError::Source(SourceError::SnapshotGone { .. })) => {
+            info!("exported snapshot gone; the partition waits for a new one");
+            ctx.store.release_claim(&claim, None).await
         }
         Err(error) => {
             let text = error_chain(&error);
@@ -208,7 +217,35 @@ async fn copy_claimed(
         }
     };
     if let Err(error) = outcome {
-        warn!(error = %error_chain(&error), "cannot record the partition's outcome; its claim expires with the lease");
+        // The claim is left behind; the next poll finds it without a copy and releases it.
+        warn!(error = %error_chain(&error), "cannot record the partition's outcome");
     }
     ctx.claims.remove(&claim.key);
+}
+
+/// Marks the partition done, retrying etcd failures a few times.
+async fn complete(
+    ctx: &WorkerContext,
+    claim: &Claim,
+    partition: &SnapshotPartition,
+) -> Result<(), StoreError> {
+    let mut attempt = 1;
+    loop {
+        match ctx.store.complete_partition(claim, partition).await {
+            Ok(true) => {
+                info!(rows = partition.rows_copied, "partition copied");
+                return Ok(());
+            }
+            Ok(false) => {
+                warn!("claim lost or partition re-planned before it was marked done; it is redone");
+                return Ok(());
+            }
+            Err(error) if attempt < 3 && error.is_retryable() => {
+                warn!(error = %error_chain(&error), "cannot mark the partition done; retrying");
+                tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }

@@ -287,7 +287,7 @@ impl Store {
     }
 
     /// Tells a lost leadership apart from the other guard of a failed transaction.
-    async fn why_failed(&self, fence: &Fence, otherwise: StoreError) -> StoreError {
+    pub(crate) async fn why_failed(&self, fence: &Fence, otherwise: StoreError) -> StoreError {
         match fence.holds(self).await {
             Ok(true) => otherwise,
             Ok(false) => StoreError::Fenced,

@@ -25,6 +25,33 @@ pub struct Claim {
     pub partition_key: String,
     /// The claimer's lease.
     pub lease: i64,
+    /// The partition's revision when it was claimed.
+    pub partition_revision: i64,
+}
+
+impl Claim {
+    /// The claim still stands and the partition is unchanged since it was claimed.
+    fn holds(&self) -> Vec<Compare> {
+        vec![
+            Compare::lease(self.key.clone(), CompareOp::Equal, self.lease),
+            Compare::mod_revision(
+                self.partition_key.clone(),
+                CompareOp::Equal,
+                self.partition_revision,
+            ),
+        ]
+    }
+}
+
+/// A partition of the plan as read, with its key and revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedPartition {
+    /// Its key.
+    pub key: String,
+    /// The partition.
+    pub partition: SnapshotPartition,
+    /// Its `mod_revision` when read.
+    pub revision: i64,
 }
 
 impl Store {
@@ -99,91 +126,138 @@ impl Store {
             .collect())
     }
 
-    /// Replaces the pipe's snapshot plan.
+    /// Replaces the pipe's snapshot plan, only while the pipe's status is still at
+    /// `status_revision` (a Setup that was overtaken cannot overwrite a newer plan).
     pub async fn put_snapshot_plan(
         &self,
         fence: &Fence,
         pipe: &str,
+        status_revision: i64,
         partitions: &[SnapshotPartition],
     ) -> Result<(), StoreError> {
-        let prefix = self.keys().snapshot_partitions(pipe);
-        let clear = Txn::new().when([fence.compare()]).and_then([TxnOp::delete(
-            prefix,
+        let keys = self.keys();
+        let status_key = keys.pipe_status(pipe);
+        let guard = || {
+            vec![
+                fence.compare(),
+                Compare::mod_revision(status_key.clone(), CompareOp::Equal, status_revision),
+            ]
+        };
+        let mut batches = vec![vec![TxnOp::delete(
+            keys.snapshot_partitions(pipe),
             Some(DeleteOptions::new().with_prefix()),
-        )]);
-        let response = self
-            .request(false, |mut c| {
-                let txn = clear.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
-        if !response.succeeded() {
-            return Err(StoreError::Fenced);
+        )]];
+        for chunk in partitions.chunks(MAX_TXN_OPS) {
+            batches.push(
+                chunk
+                    .iter()
+                    .map(|p| {
+                        let key = keys.snapshot_partition(pipe, &p.source_table, p.index);
+                        TxnOp::put(key, p.encode_to_vec(), None)
+                    })
+                    .collect(),
+            );
         }
-        let puts = partitions
-            .iter()
-            .map(|p| {
-                let key = self
-                    .keys()
-                    .snapshot_partition(pipe, &p.source_table, p.index);
-                (key, p.encode_to_vec())
-            })
-            .collect();
-        self.put_fenced(fence, puts).await
+        for ops in batches {
+            let txn = Txn::new().when(guard()).and_then(ops);
+            let response = self
+                .request(false, |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if !response.succeeded() {
+                let stale = StoreError::Conflict {
+                    key: status_key.clone(),
+                };
+                return Err(self.why_failed(fence, stale).await);
+            }
+        }
+        Ok(())
     }
 
-    /// The snapshot plan of a pipe, in key order, with each partition's key.
-    pub async fn snapshot_plan(
-        &self,
-        pipe: &str,
-    ) -> Result<Vec<(String, SnapshotPartition)>, StoreError> {
+    /// The snapshot plan of a pipe, in key order.
+    pub async fn snapshot_plan(&self, pipe: &str) -> Result<Vec<PlannedPartition>, StoreError> {
         Ok(self
             .list::<SnapshotPartition>(self.keys().snapshot_partitions(pipe))
             .await?
             .into_iter()
-            .map(|(key, partition, _)| (key, partition))
+            .map(|(key, partition, revision)| PlannedPartition {
+                key,
+                partition,
+                revision,
+            })
             .collect())
     }
 
-    /// The live claims on a pipe's partitions, as owner keys.
-    pub async fn snapshot_claims(&self, pipe: &str) -> Result<Vec<String>, StoreError> {
+    /// Marks partitions not done again (to be read under the current exported snapshot),
+    /// each only if unchanged since it was read.
+    pub async fn reset_partitions(
+        &self,
+        fence: &Fence,
+        partitions: &[PlannedPartition],
+    ) -> Result<(), StoreError> {
+        for planned in partitions {
+            let mut partition = planned.partition.clone();
+            partition.done = false;
+            partition.rows_copied = 0;
+            partition.snapshot_id.clear();
+            let txn = Txn::new()
+                .when([
+                    fence.compare(),
+                    Compare::mod_revision(planned.key.clone(), CompareOp::Equal, planned.revision),
+                ])
+                .and_then([TxnOp::put(
+                    planned.key.clone(),
+                    partition.encode_to_vec(),
+                    None,
+                )]);
+            self.request(false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The live claims on a pipe's partitions: owner key, holder, and the holder's lease.
+    pub async fn snapshot_claims(
+        &self,
+        pipe: &str,
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
         let prefix = self.keys().snapshot_owners(pipe);
         let response = self
             .request(true, |mut c| {
                 let prefix = prefix.clone();
-                async move {
-                    c.get(
-                        prefix,
-                        Some(GetOptions::new().with_prefix().with_keys_only()),
-                    )
-                    .await
-                }
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
         Ok(response
             .kvs()
             .iter()
-            .map(|kv| display_key(kv.key()))
+            .map(|kv| (display_key(kv.key()), display_key(kv.value()), kv.lease()))
             .collect())
     }
 
-    /// Claims a partition for `worker` under its session, if nobody holds it.
+    /// Claims a partition for `worker` under its session, if nobody holds it and it has not
+    /// changed since `planned` was read (so a stale read cannot redo a finished partition).
     pub async fn claim_partition(
         &self,
         session: &Session,
         pipe: &str,
-        partition: &SnapshotPartition,
+        planned: &PlannedPartition,
         worker: &str,
     ) -> Result<Option<Claim>, StoreError> {
-        let keys = self.keys();
-        let key = keys.snapshot_owner(pipe, &partition.source_table, partition.index);
-        let partition_key = keys.snapshot_partition(pipe, &partition.source_table, partition.index);
+        let partition = &planned.partition;
+        let key = self
+            .keys()
+            .snapshot_owner(pipe, &partition.source_table, partition.index);
         let lease = session.lease_id();
         let txn = Txn::new()
             .when([
                 Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                // The partition must still exist (the pipe was not deleted or re-planned).
-                Compare::create_revision(partition_key.clone(), CompareOp::Greater, 0),
+                Compare::mod_revision(planned.key.clone(), CompareOp::Equal, planned.revision),
             ])
             .and_then([TxnOp::put(
                 key.clone(),
@@ -196,30 +270,26 @@ impl Store {
                 async move { c.txn(txn).await }
             })
             .await?;
-        Ok(response.succeeded().then_some(Claim {
+        Ok(response.succeeded().then(|| Claim {
             key,
-            partition_key,
+            partition_key: planned.key.clone(),
             lease,
+            partition_revision: planned.revision,
         }))
     }
 
-    /// Marks a claimed partition done and releases the claim, only if the claim still stands.
-    /// Returns false if it was lost (the lease expired): another worker redoes the partition.
+    /// Marks a claimed partition done and releases the claim, only if the claim still stands
+    /// and the partition was not re-planned meanwhile. Returns false otherwise: the partition
+    /// is then redone by whoever claims it next.
     pub async fn complete_partition(
         &self,
         claim: &Claim,
         partition: &SnapshotPartition,
     ) -> Result<bool, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::lease(
-                claim.key.clone(),
-                CompareOp::Equal,
-                claim.lease,
-            )])
-            .and_then([
-                TxnOp::put(claim.partition_key.clone(), partition.encode_to_vec(), None),
-                TxnOp::delete(claim.key.clone(), None),
-            ]);
+        let txn = Txn::new().when(claim.holds()).and_then([
+            TxnOp::put(claim.partition_key.clone(), partition.encode_to_vec(), None),
+            TxnOp::delete(claim.key.clone(), None),
+        ]);
         let response = self
             .request(false, |mut c| {
                 let txn = txn.clone();
@@ -230,7 +300,7 @@ impl Store {
     }
 
     /// Gives a claim up without finishing (the partition is retried). `failed` records the
-    /// attempt and its error in the partition, so repeated failures become visible.
+    /// attempt and its error in the partition, if the partition is unchanged since the claim.
     pub async fn release_claim(
         &self,
         claim: &Claim,
@@ -244,13 +314,30 @@ impl Store {
                 None,
             ));
         }
-        let txn = Txn::new()
+        let just_release = Txn::new()
             .when([Compare::lease(
                 claim.key.clone(),
                 CompareOp::Equal,
                 claim.lease,
             )])
-            .and_then(ops);
+            .and_then([TxnOp::delete(claim.key.clone(), None)]);
+        let txn = Txn::new()
+            .when(claim.holds())
+            .and_then(ops)
+            .or_else([TxnOp::txn(just_release)]);
+        self.request(false, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes an owner key if it is still bound to `lease` (a claim left without a copy).
+    pub async fn drop_claim(&self, key: &str, lease: i64) -> Result<(), StoreError> {
+        let txn = Txn::new()
+            .when([Compare::lease(key.to_owned(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(key.to_owned(), None)]);
         self.request(false, |mut c| {
             let txn = txn.clone();
             async move { c.txn(txn).await }
