@@ -55,6 +55,21 @@ pub fn create_database(database: &str) -> String {
     format!("CREATE DATABASE IF NOT EXISTS {}", Ident(database))
 }
 
+/// The columns (name, ClickHouse type) of the destination table of `schema`, in order,
+/// including Ferry's metadata columns.
+pub fn expected_columns(schema: &TableSchema, options: MappingOptions) -> Vec<(String, String)> {
+    schema
+        .columns
+        .iter()
+        .map(|c| (c.name.clone(), column_type(c, options)))
+        .chain([
+            (VERSION_COLUMN.to_owned(), "UInt64".to_owned()),
+            (IS_DELETED_COLUMN.to_owned(), "UInt8".to_owned()),
+            (SYNCED_AT_COLUMN.to_owned(), "DateTime64(9)".to_owned()),
+        ])
+        .collect()
+}
+
 /// `CREATE TABLE IF NOT EXISTS database.table` for the source table `schema`: its columns with
 /// mapped types plus Ferry's metadata columns, ordered by the source's row key.
 pub fn create_table(

@@ -43,6 +43,22 @@ impl I256 {
         self.limbs == [0; 4]
     }
 
+    /// Whether the magnitude is below 10^`digits` (the value has at most that many digits).
+    pub(crate) fn has_at_most_digits(&self, digits: u32) -> bool {
+        let mut limit = Self::ZERO;
+        limit.limbs[0] = 1;
+        for _ in 0..digits {
+            if limit.mul_add(10, 0).is_err() {
+                return true; // 10^digits exceeds 256 bits: every value fits.
+            }
+        }
+        let (a, b) = (self.limbs, limit.limbs);
+        (0..4)
+            .rev()
+            .find(|&i| a[i] != b[i])
+            .is_some_and(|i| a[i] < b[i])
+    }
+
     /// Whether the value fits a two's-complement integer of `width` bytes.
     pub(crate) fn fits_in_bytes(&self, width: usize) -> bool {
         let bits = width * 8 - 1;
@@ -109,15 +125,22 @@ pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Option<I256>, 
         limbs: [0; 4],
         negative,
     };
+    // Digits wholly below the first decimal digit dropped by rounding cannot change the
+    // result (rounding looks at that digit only): skip them, so long fractions still fit.
+    let mut used = 0;
     for i in 0..ndigits {
         let digit = word(4 + i)?;
         if digit >= 10_000 {
             return Err(format!("bad numeric digit {digit}"));
         }
+        if 4 * (weight - i as i64) + 3 < -(i64::from(scale) + 1) {
+            continue;
+        }
         value.mul_add(10_000, u64::from(digit))?;
+        used += 1;
     }
-    // value = digits × 10000^(weight - ndigits + 1); we want it × 10^scale.
-    let exponent = 4 * (weight - ndigits as i64 + 1) + i64::from(scale);
+    // value = digits × 10000^(weight - used + 1); we want it × 10^scale.
+    let exponent = 4 * (weight - used as i64 + 1) + i64::from(scale);
     if exponent >= 0 {
         if !value.is_zero() {
             for _ in 0..exponent {
@@ -200,6 +223,20 @@ mod tests {
         assert!(from_pg_numeric(&[], 0).is_err());
         // 80 nines: too large for 256 bits.
         assert!(from_pg_numeric(&pg(&"9".repeat(80)), 0).is_err());
+    }
+
+    #[test]
+    fn long_fractions_round_without_overflow() {
+        // 100 fractional digits: rounds to 38, where accumulating all would overflow 256 bits.
+        let text = format!("1.{}", "3".repeat(99) + "7");
+        let v = from_pg_numeric(&pg(&text), 38).unwrap().unwrap();
+        let digits = format!("1{}", "3".repeat(38));
+        let expected: i128 = digits.parse().unwrap();
+        assert_eq!(
+            i128::from_le_bytes(v.to_le_bytes()[..16].try_into().unwrap()),
+            expected
+        );
+        assert!(v.has_at_most_digits(39) && !v.has_at_most_digits(38));
     }
 
     #[test]

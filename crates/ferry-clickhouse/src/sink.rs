@@ -40,6 +40,18 @@ pub enum SinkError {
     /// A table cannot be created.
     #[error(transparent)]
     Ddl(#[from] DdlError),
+    /// An existing destination table does not have the columns Ferry writes.
+    #[error("existing table {table} has column {column} as {found}, Ferry writes {expected}")]
+    Mismatch {
+        /// database.table.
+        table: String,
+        /// The column.
+        column: String,
+        /// The type Ferry writes.
+        expected: String,
+        /// The table's type ("missing" when absent).
+        found: String,
+    },
 }
 
 impl SinkError {
@@ -51,6 +63,7 @@ impl SinkError {
             Self::Statement { .. } => "check the ClickHouse server log; the error text says what it refused".into(),
             Self::Ddl(DdlError::ReservedColumn { .. }) => "rename the source column; Ferry adds columns named _ferry_*".into(),
             Self::Ddl(DdlError::NoColumns { .. }) => "add a column to the table or remove it from the pipe".into(),
+            Self::Mismatch { .. } => "drop the existing table so Ferry creates it, or map the source table to another destination_table".into(),
         }
     }
 
@@ -149,6 +162,38 @@ impl Sink {
     ) -> Result<(), SinkError> {
         let sql = ddl::create_table(&self.database, table, schema, options)?;
         self.execute(&format!("CREATE TABLE {table}"), &sql).await
+    }
+
+    /// Checks that an existing `table` has exactly the columns Ferry writes for `schema`.
+    pub async fn check_columns(
+        &self,
+        table: &str,
+        schema: &TableSchema,
+        options: MappingOptions,
+    ) -> Result<(), SinkError> {
+        let found: Vec<(String, String)> = self
+            .client
+            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+            .bind(&self.database)
+            .bind(table)
+            .fetch_all::<(String, String)>()
+            .await
+            .map_err(|e| self.classify("column lookup", e))?;
+        for (column, expected) in ddl::expected_columns(schema, options) {
+            let actual = found
+                .iter()
+                .find(|(name, _)| *name == column)
+                .map(|(_, ty)| ty.clone());
+            if actual.as_deref() != Some(expected.as_str()) {
+                return Err(SinkError::Mismatch {
+                    table: format!("{}.{table}", self.database),
+                    column,
+                    expected,
+                    found: actual.unwrap_or_else(|| "missing".into()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Rows in `table`, or `None` if it does not exist.

@@ -290,8 +290,11 @@ fn write_decimal(value: I256, precision: u32, out: &mut Vec<u8>) -> Result<(), S
         19..=38 => 16,
         _ => 32,
     };
-    if !value.fits_in_bytes(width) {
-        return Err(format!("value does not fit Decimal({precision})"));
+    if !value.has_at_most_digits(precision) || !value.fits_in_bytes(width) {
+        return Err(format!(
+            "numeric value has more than {precision} digits and does not fit Decimal({precision}); \
+             map unconstrained numerics to String or resync with a precision"
+        ));
     }
     out.extend_from_slice(&value.to_le_bytes()[..width]);
     Ok(())

@@ -91,8 +91,9 @@ impl ValueKind {
             Self::Bool => "Bool".into(),
             Self::Uuid => "UUID".into(),
             Self::Date => "Date32".into(),
-            Self::Timestamp { utc: false } => "DateTime64(6)".into(),
-            Self::Timestamp { utc: true } => "DateTime64(6, 'UTC')".into(),
+            // A `timestamp` is wall-clock time: stored as if UTC, and typed UTC so a server in
+            // another time zone shows it unshifted.
+            Self::Timestamp { .. } => "DateTime64(6, 'UTC')".into(),
             Self::Enum => "LowCardinality(String)".into(),
             Self::Bytes | Self::Text => "String".into(),
             Self::Array(element) => format!("Array({})", element.nullable_type()),
@@ -147,10 +148,14 @@ fn numeric_kind(typmod: i32, options: MappingOptions) -> ValueKind {
     }
     let packed = (typmod - 4).unsigned_abs();
     let precision = (packed >> 16) & 0xffff;
-    // Postgres 15 allows a negative scale (stored as 11 bits two's complement): round to integers.
-    let raw_scale = packed & 0x7ff;
-    let scale = if raw_scale & 0x400 != 0 { 0 } else { raw_scale };
-    if precision == 0 || precision > MAX_DECIMAL_PRECISION || scale > precision {
+    // Postgres 15 allows a negative scale (11-bit two's complement): numeric(5,-3) holds
+    // 12345000, more digits than its precision, so no Decimal(p, s) fits; keep the text.
+    let scale = packed & 0x7ff;
+    if scale & 0x400 != 0
+        || precision == 0
+        || precision > MAX_DECIMAL_PRECISION
+        || scale > precision
+    {
         return ValueKind::Text;
     }
     ValueKind::Decimal { precision, scale }
@@ -230,7 +235,11 @@ mod tests {
             (col(oid::BYTEA, -1, true), "Nullable(String)"),
             (col(oid::UUID, -1, false), "UUID"),
             (col(oid::DATE, -1, false), "Date32"),
-            (col(oid::TIMESTAMP, -1, false), "DateTime64(6)"),
+            (col(oid::TIMESTAMP, -1, false), "DateTime64(6, 'UTC')"),
+            (
+                col(oid::NUMERIC, ((5 << 16) | 0x7fd) + 4, false),
+                "String",
+            ), // numeric(5,-3)
             (
                 col(oid::TIMESTAMPTZ, 3, true),
                 "Nullable(DateTime64(6, 'UTC'))",

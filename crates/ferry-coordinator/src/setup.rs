@@ -211,13 +211,19 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
         )
         .map_err(SinkError::from)?;
         let created_before = recorded.get(&table).is_some_and(|s| s.destination_created);
+        let existing = sink.row_count(&mapping.destination_table).await?;
         if !created_before && settings.allow_non_empty_destination != Some(true) {
-            if let Some(rows @ 1..) = sink.row_count(&mapping.destination_table).await? {
+            if let Some(rows @ 1..) = existing {
                 return Err(SetupProblem::NotEmpty {
                     table: format!("{}.{}", destination.database, mapping.destination_table),
                     rows,
                 });
             }
+        }
+        // RowBinary has no column names: an existing table must match what Ferry writes.
+        if existing.is_some() {
+            sink.check_columns(&mapping.destination_table, &described, options)
+                .await?;
         }
         tables.push((table, described));
     }

@@ -7,6 +7,7 @@ use ferry_proto::v1::{ColumnSchema, ReplicaIdentity, TableSchema};
 use tokio_postgres::Client;
 
 use crate::SourceError;
+use crate::error::query_error;
 
 /// What a type oid resolves to once domains are looked through.
 #[derive(Debug, Clone)]
@@ -41,10 +42,7 @@ impl TypeResolver<'_> {
                     &[&current],
                 )
                 .await
-                .map_err(|source| SourceError::Query {
-                    what: "type lookup",
-                    source,
-                })?;
+                .map_err(query_error("type lookup"))?;
             let kind: String = row.get(0);
             if kind == "d" {
                 let domain_typmod: i32 = row.get(3);
@@ -86,10 +84,7 @@ pub async fn describe_table(
             &[&schema, &table],
         )
         .await
-        .map_err(|source| SourceError::Query {
-            what: "table lookup",
-            source,
-        })?
+        .map_err(query_error("table lookup"))?
         .ok_or_else(|| SourceError::TableMissing {
             table: qualified.clone(),
         })?;
@@ -102,21 +97,20 @@ pub async fn describe_table(
         _ => ReplicaIdentity::Nothing,
     };
 
-    // The row key: the primary key, else the replica identity index.
+    // The row key: the primary key, else the replica identity index — one index, never a mix.
     let key_rows = client
         .query(
             "SELECT a.attname, k.ord::int8 FROM pg_index i \
              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
-             ORDER BY i.indisprimary DESC, k.ord",
+             WHERE i.indexrelid = ( \
+               SELECT indexrelid FROM pg_index WHERE indrelid = $1 AND (indisprimary OR indisreplident) \
+               ORDER BY indisprimary DESC LIMIT 1) \
+             ORDER BY k.ord",
             &[&relation_oid],
         )
         .await
-        .map_err(|source| SourceError::Query {
-            what: "key columns",
-            source,
-        })?;
+        .map_err(query_error("key columns"))?;
     let mut key: HashMap<String, u32> = HashMap::new();
     for row in &key_rows {
         let name: String = row.get(0);
@@ -135,10 +129,7 @@ pub async fn describe_table(
             &[&relation_oid],
         )
         .await
-        .map_err(|source| SourceError::Query {
-            what: "columns",
-            source,
-        })?;
+        .map_err(query_error("columns"))?;
     let mut resolver = TypeResolver {
         client,
         cache: HashMap::new(),

@@ -33,6 +33,14 @@ pub async fn plan(
         .await
         .map_err(query_error("partition planning"))?;
     let rows_per_partition = rows_per_partition.max(1);
+    // Before Postgres 14 a ctid range is not a TID Range Scan but a full scan per partition:
+    // read each relation in one piece there.
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(query_error("server version"))?
+        .get(0);
+    let max_partitions = if version < 140_000 { 1 } else { MAX_PARTITIONS };
     let mut plan = Vec::new();
     for relation in relations {
         let name: String = relation.get(0);
@@ -50,7 +58,7 @@ pub async fn plan(
         let rows = u64::try_from(rows).unwrap_or(0);
         let count = rows
             .div_ceil(rows_per_partition)
-            .clamp(1, MAX_PARTITIONS)
+            .clamp(1, max_partitions)
             .min(pages.max(1));
         let blocks = pages.div_ceil(count).max(1);
         for i in 0..count {

@@ -209,6 +209,10 @@ async fn tables_are_described_with_types_keys_and_estimates() {
              ALTER TABLE t DROP COLUMN gone;
              INSERT INTO t (a, b) SELECT i, i::text FROM generate_series(1, 1000) i;
              ANALYZE t;
+             CREATE TABLE both_keys (a int PRIMARY KEY, b int NOT NULL UNIQUE);
+             ALTER TABLE both_keys REPLICA IDENTITY USING INDEX both_keys_b_key;
+             CREATE TABLE ident_only (a int, b int NOT NULL UNIQUE);
+             ALTER TABLE ident_only REPLICA IDENTITY USING INDEX ident_only_b_key;
              CREATE TABLE parted (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
              CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM ('2020-01-01') TO ('2021-01-01');
              CREATE TABLE parted_2 PARTITION OF parted FOR VALUES FROM ('2021-01-01') TO ('2022-01-01');
@@ -244,6 +248,26 @@ async fn tables_are_described_with_types_keys_and_estimates() {
     assert_eq!(t.replica_identity(), ReplicaIdentity::Default);
     assert_eq!(t.estimated_rows, 1000);
     assert!(t.pages > 0 && !t.partitioned);
+
+    // The key is one index: the primary key when there is one, else the identity index.
+    let both = describe_table(&client, "public", "both_keys")
+        .await
+        .unwrap();
+    let keys: Vec<_> = both
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.key_position))
+        .collect();
+    assert_eq!(keys, [("a", 1), ("b", 0)]);
+    let ident = describe_table(&client, "public", "ident_only")
+        .await
+        .unwrap();
+    let keys: Vec<_> = ident
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.key_position))
+        .collect();
+    assert_eq!(keys, [("a", 0), ("b", 1)]);
 
     let parted = describe_table(&client, "public", "parted").await.unwrap();
     assert!(parted.partitioned);
