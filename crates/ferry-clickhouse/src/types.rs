@@ -236,10 +236,7 @@ mod tests {
             (col(oid::UUID, -1, false), "UUID"),
             (col(oid::DATE, -1, false), "Date32"),
             (col(oid::TIMESTAMP, -1, false), "DateTime64(6, 'UTC')"),
-            (
-                col(oid::NUMERIC, ((5 << 16) | 0x7fd) + 4, false),
-                "String",
-            ), // numeric(5,-3)
+            (col(oid::NUMERIC, ((5 << 16) | 0x7fd) + 4, false), "String"), // numeric(5,-3)
             (
                 col(oid::TIMESTAMPTZ, 3, true),
                 "Nullable(DateTime64(6, 'UTC'))",

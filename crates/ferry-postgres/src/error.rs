@@ -91,6 +91,32 @@ pub enum SourceError {
         /// DEFAULT or NOTHING.
         identity: &'static str,
     },
+    /// A partition of a partitioned table is not a plain table (a foreign table, say).
+    #[error("partition {partition} of {table} is not a plain table")]
+    UnsupportedPartition {
+        /// schema.table.
+        table: String,
+        /// schema.partition.
+        partition: String,
+    },
+    /// Ferry would create the publication but the user does not own the table.
+    #[error("user {user} does not own {table}, which creating a publication for it requires")]
+    NotOwner {
+        /// schema.table.
+        table: String,
+        /// The user.
+        user: String,
+    },
+    /// A user publication does not publish a partitioned table through its root.
+    #[error(
+        "publication {publication} does not publish partitioned table {table} through its root"
+    )]
+    PublicationNotViaRoot {
+        /// Its name.
+        publication: String,
+        /// schema.table.
+        table: String,
+    },
     /// A named publication does not exist.
     #[error("publication {publication} does not exist")]
     PublicationMissing {
@@ -145,6 +171,9 @@ impl SourceError {
             Self::TableMissing { .. } => "create the table, or remove it from spec.tables".into(),
             Self::NoSelect { table, user } => format!("run GRANT SELECT ON {} TO {};", quoted_table(table), Ident(user)),
             Self::NoRowIdentity { table, .. } => format!("add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL; (or USING INDEX on a unique, non-null index)", quoted_table(table)),
+            Self::UnsupportedPartition { partition, .. } => format!("detach {partition} or replicate its plain partitions as separate tables"),
+            Self::NotOwner { table, .. } => format!("run Ferry as the owner of {table}, or create a publication yourself (CREATE PUBLICATION ... FOR TABLE {} WITH (publish_via_partition_root = true);) and name it in spec.source.publication", quoted_table(table)),
+            Self::PublicationNotViaRoot { publication, .. } => format!("run ALTER PUBLICATION {} SET (publish_via_partition_root = true);", Ident(publication)),
             Self::PublicationMissing { publication } => format!("create it (CREATE PUBLICATION {} FOR TABLE ...;) or leave spec.source.publication empty so Ferry manages one", Ident(publication)),
             Self::PublicationLacksTable { publication, table } => format!("run ALTER PUBLICATION {} ADD TABLE {};", Ident(publication), quoted_table(table)),
         }
@@ -155,6 +184,9 @@ impl SourceError {
         match self {
             Self::TableMissing { table }
             | Self::NoSelect { table, .. }
+            | Self::UnsupportedPartition { table, .. }
+            | Self::NotOwner { table, .. }
+            | Self::PublicationNotViaRoot { table, .. }
             | Self::NoRowIdentity { table, .. }
             | Self::PublicationLacksTable { table, .. } => Some(table),
             _ => None,

@@ -17,8 +17,16 @@ pub async fn check_source(client: &Client, spec: &PipeSpec, slot: &str) -> Resul
     if replicates {
         check_replication(client, &source.user, slot).await?;
     }
+    let managed_publication = replicates && source.publication.is_empty();
     for table in &spec.tables {
-        check_table(client, &source_table_name(table), &source.user, replicates).await?;
+        check_table(
+            client,
+            &source_table_name(table),
+            &source.user,
+            replicates,
+            managed_publication,
+        )
+        .await?;
     }
     if replicates && !source.publication.is_empty() {
         check_publication(client, &source.publication, spec).await?;
@@ -67,12 +75,14 @@ async fn check_table(
     table: &str,
     user: &str,
     replicates: bool,
+    managed_publication: bool,
 ) -> Result<(), SourceError> {
     let (schema, name) = table.split_once('.').unwrap_or(("public", table));
     let row = client
         .query_opt(
             "SELECT has_table_privilege(c.oid, 'SELECT'), c.relreplident::text, \
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                    pg_has_role(c.relowner, 'USAGE'), c.oid \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &name],
@@ -85,8 +95,42 @@ async fn check_table(
         });
     };
     let (can_select, identity, has_pk): (bool, String, bool) = (row.get(0), row.get(1), row.get(2));
+    let (owns, oid): (bool, u32) = (row.get(3), row.get(4));
     if !can_select {
         return Err(SourceError::NoSelect {
+            table: table.to_owned(),
+            user: user.to_owned(),
+        });
+    }
+    // A partitioned table is read leaf by leaf: every leaf must be readable, and a plain table.
+    let leaves = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, c.relkind::text, has_table_privilege(c.oid, 'SELECT') \
+             FROM pg_partition_tree($1::oid::regclass) p JOIN pg_class c ON c.oid = p.relid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.isleaf",
+            &[&oid],
+        )
+        .await
+        .map_err(query_error("partition lookup"))?;
+    for leaf in &leaves {
+        let (leaf_name, kind, readable): (String, String, bool) =
+            (leaf.get(0), leaf.get(1), leaf.get(2));
+        if kind != "r" {
+            return Err(SourceError::UnsupportedPartition {
+                table: table.to_owned(),
+                partition: leaf_name,
+            });
+        }
+        if !readable {
+            return Err(SourceError::NoSelect {
+                table: leaf_name,
+                user: user.to_owned(),
+            });
+        }
+    }
+    // CREATE PUBLICATION … FOR TABLE needs ownership.
+    if managed_publication && !owns {
+        return Err(SourceError::NotOwner {
             table: table.to_owned(),
             user: user.to_owned(),
         });
@@ -129,7 +173,31 @@ async fn check_publication(
             publication: publication.to_owned(),
         });
     }
+    let via_root: bool = client
+        .query_one(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(query_error("publication lookup"))?
+        .get(0);
     for table in &spec.tables {
+        let partitioned: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'p')",
+                &[&table.source_schema, &table.source_table],
+            )
+            .await
+            .map_err(query_error("table lookup"))?
+            .get(0);
+        // Without publish_via_partition_root, changes arrive under leaf names, not the table's.
+        if partitioned && !via_root {
+            return Err(SourceError::PublicationNotViaRoot {
+                publication: publication.to_owned(),
+                table: source_table_name(table),
+            });
+        }
         let published: bool = client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_publication_tables \

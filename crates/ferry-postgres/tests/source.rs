@@ -100,13 +100,22 @@ async fn a_good_source_passes_and_each_problem_names_its_fix() {
     assert_eq!(err.to_string(), "table public.missing does not exist");
 
     let reader = connect(&source(&pg, "reader"), "").await.unwrap();
-    let err = check_source(
-        &reader,
-        &spec(&pg, "reader", &["public.good", "public.secret"]),
-        "ferry_p",
-    )
-    .await
-    .unwrap_err();
+    // Ferry would create the publication, which needs ownership of the tables.
+    let err = check_source(&reader, &spec(&pg, "reader", &["public.good"]), "ferry_p")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::NotOwner { .. }), "{err:?}");
+    assert!(
+        err.remedy().contains("spec.source.publication"),
+        "{}",
+        err.remedy()
+    );
+    // With a publication of their own, the missing privilege is what stops them.
+    let mut own_publication = spec(&pg, "reader", &["public.good", "public.secret"]);
+    own_publication.source.as_mut().unwrap().publication = "mine".into();
+    let err = check_source(&reader, &own_publication, "ferry_p")
+        .await
+        .unwrap_err();
     assert!(matches!(err, SourceError::NoSelect { .. }), "{err:?}");
     assert_eq!(
         err.remedy(),
@@ -134,6 +143,34 @@ async fn a_good_source_passes_and_each_problem_names_its_fix() {
     assert!(
         matches!(err, SourceError::PublicationLacksTable { .. }),
         "{err:?}"
+    );
+    with_publication.source.as_mut().unwrap().publication = "nope".into();
+    let err = check_source(&client, &with_publication, "ferry_p")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SourceError::PublicationMissing { .. }),
+        "{err:?}"
+    );
+    // A partitioned table in a publication that does not publish through the root.
+    db.batch_execute(
+        "CREATE TABLE parts (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+         CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM ('2020-01-01') TO ('2030-01-01');
+         CREATE PUBLICATION leafy FOR TABLE parts;",
+    )
+    .await
+    .unwrap();
+    let mut leafy = spec(&pg, "postgres", &["public.parts"]);
+    leafy.source.as_mut().unwrap().publication = "leafy".into();
+    let err = check_source(&client, &leafy, "ferry_p").await.unwrap_err();
+    assert!(
+        matches!(err, SourceError::PublicationNotViaRoot { .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.remedy().contains("publish_via_partition_root = true"),
+        "{}",
+        err.remedy()
     );
     with_publication.source.as_mut().unwrap().publication = "nope".into();
     let err = check_source(&client, &with_publication, "ferry_p")
