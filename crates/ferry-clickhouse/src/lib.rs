@@ -9,5 +9,6 @@
 pub mod ddl;
 mod decimal;
 pub mod sink;
+mod text;
 pub mod transcode;
 pub mod types;

@@ -97,6 +97,8 @@ struct ColumnPlan {
 pub struct RowTranscoder {
     columns: Vec<ColumnPlan>,
     adjustments: Adjustments,
+    /// Reused for text values converted to binary (no allocation per value).
+    scratch: Vec<u8>,
 }
 
 impl RowTranscoder {
@@ -112,6 +114,7 @@ impl RowTranscoder {
                 })
                 .collect(),
             adjustments: Adjustments::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -123,6 +126,54 @@ impl RowTranscoder {
     /// What was clamped or nulled so far.
     pub fn adjustments(&self) -> Adjustments {
         self.adjustments
+    }
+
+    /// As [`RowTranscoder::write_row`] for values in Postgres's text format (logical
+    /// replication in text mode), with `DateStyle=ISO`, `TimeZone=UTC`, `bytea_output=hex`.
+    /// Each value lands exactly as its binary form would.
+    pub fn write_text_row<'v>(
+        &mut self,
+        values: impl IntoIterator<Item = Option<&'v [u8]>>,
+        version: u64,
+        is_deleted: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), TranscodeError> {
+        let mut count = 0;
+        let mut values = values.into_iter();
+        for column in &self.columns {
+            let value = values.next().ok_or_else(|| TranscodeError {
+                column: column.name.clone(),
+                problem: "missing from the row".into(),
+            })?;
+            let binary = match value {
+                Some(text) => {
+                    crate::text::to_binary(&column.kind, text, &mut self.scratch).map_err(
+                        |problem| TranscodeError {
+                            column: column.name.clone(),
+                            problem,
+                        },
+                    )?;
+                    Some(self.scratch.as_slice())
+                }
+                None => None,
+            };
+            write_column(column, binary, out, &mut self.adjustments).map_err(|problem| {
+                TranscodeError {
+                    column: column.name.clone(),
+                    problem,
+                }
+            })?;
+            count += 1;
+        }
+        if values.next().is_some() {
+            return Err(TranscodeError {
+                column: format!("#{}", count + 1),
+                problem: format!("row has more than the {count} columns of the table"),
+            });
+        }
+        out.extend_from_slice(&version.to_le_bytes());
+        out.push(u8::from(is_deleted));
+        Ok(())
     }
 
     /// Appends one row: the source values (None = NULL) followed by `_ferry_version` and
