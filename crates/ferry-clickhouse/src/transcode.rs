@@ -138,6 +138,29 @@ impl RowTranscoder {
         is_deleted: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), TranscodeError> {
+        self.write_text(values, version, is_deleted, false, out)
+    }
+
+    /// A delete marker (`_ferry_is_deleted = 1`) from the old key (text values; columns not in
+    /// the key are None). Columns that cannot be NULL get their type's zero value: only the
+    /// key and the version matter in a delete row.
+    pub fn write_text_delete<'v>(
+        &mut self,
+        key: impl IntoIterator<Item = Option<&'v [u8]>>,
+        version: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), TranscodeError> {
+        self.write_text(key, version, true, true, out)
+    }
+
+    fn write_text<'v>(
+        &mut self,
+        values: impl IntoIterator<Item = Option<&'v [u8]>>,
+        version: u64,
+        is_deleted: bool,
+        fill_defaults: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), TranscodeError> {
         let mut count = 0;
         let mut values = values.into_iter();
         for column in &self.columns {
@@ -154,6 +177,11 @@ impl RowTranscoder {
                         },
                     )?;
                     Some(self.scratch.as_slice())
+                }
+                None if fill_defaults && !column.nullable => {
+                    write_zero(&column.kind, out);
+                    count += 1;
+                    continue;
                 }
                 None => None,
             };
@@ -334,13 +362,33 @@ fn write_numeric(
     }
 }
 
-fn write_decimal(value: I256, precision: u32, out: &mut Vec<u8>) -> Result<(), String> {
-    let width = match precision {
+/// Bytes of a Decimal of `precision` digits in RowBinary.
+fn decimal_width(precision: u32) -> usize {
+    match precision {
         0..=9 => 4,
         10..=18 => 8,
         19..=38 => 16,
         _ => 32,
+    }
+}
+
+/// The zero value of a non-nullable column of `kind`.
+fn write_zero(kind: &ValueKind, out: &mut Vec<u8>) {
+    let width = match kind {
+        ValueKind::Int(bits) | ValueKind::Float(bits) => usize::from(*bits / 8),
+        ValueKind::UInt32 | ValueKind::Date => 4,
+        ValueKind::Timestamp { .. } => 8,
+        ValueKind::Decimal { precision, .. } => decimal_width(*precision),
+        ValueKind::Bool => 1,
+        ValueKind::Uuid => 16,
+        // Empty string or empty array: a zero length.
+        ValueKind::Enum | ValueKind::Bytes | ValueKind::Text | ValueKind::Array(_) => 1,
     };
+    out.extend(std::iter::repeat_n(0, width));
+}
+
+fn write_decimal(value: I256, precision: u32, out: &mut Vec<u8>) -> Result<(), String> {
+    let width = decimal_width(precision);
     if !value.has_at_most_digits(precision) || !value.fits_in_bytes(width) {
         return Err(format!(
             "numeric value has more than {precision} digits and does not fit Decimal({precision}); \
@@ -496,6 +544,31 @@ mod tests {
         let out = row(&mut t, &[Some(&0i64.to_be_bytes())]).unwrap();
         assert_eq!(&out[..8], &PG_EPOCH_MICROS.to_le_bytes());
         assert_eq!(t.adjustments().clamped, 1);
+    }
+
+    #[test]
+    fn delete_rows_fill_non_nullable_columns_with_zeros() {
+        let mut t = RowTranscoder::new(
+            &[
+                column("id", oid::INT8, -1, false),
+                column("note", oid::TEXT, -1, false),
+                column("n", oid::INT4, -1, true),
+            ],
+            MappingOptions::default(),
+        );
+        let mut out = Vec::new();
+        t.write_text_delete([Some(&b"42"[..]), None, None], 7, &mut out)
+            .unwrap();
+        let mut expected = 42i64.to_le_bytes().to_vec();
+        expected.extend_from_slice(&[0, 1]); // empty string, NULL
+        expected.extend_from_slice(&7u64.to_le_bytes());
+        expected.push(1);
+        assert_eq!(out, expected);
+        // An ordinary row still refuses NULL in a NOT NULL column.
+        assert!(
+            t.write_text_row([Some(&b"42"[..]), None, None], 7, false, &mut Vec::new())
+                .is_err()
+        );
     }
 
     #[test]

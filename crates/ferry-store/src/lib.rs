@@ -8,6 +8,7 @@
 //! - [`workers`]: worker registrations bound to leases.
 //! - [`watch`]: prefix watches that resume from the last seen revision after a reconnect.
 
+pub mod cdc;
 pub mod election;
 mod error;
 pub mod keys;

@@ -1,0 +1,130 @@
+//! CDC ownership and checkpoints.
+//!
+//! One cdc-worker at a time owns a pipe's replication slot: `owners/cdc/<pipe>`, created only
+//! if absent and bound to the worker's lease. The checkpoint is written only while that claim
+//! stands, so a worker that lost its lease (and may have been replaced) cannot move it.
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use ferry_proto::v1::Checkpoint;
+use prost::Message as _;
+
+use crate::{Session, Store, StoreError};
+
+/// A worker's claim on a pipe's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CdcClaim {
+    /// The owner key.
+    pub key: String,
+    /// The pipe.
+    pub pipe: String,
+    /// The claimer's lease.
+    pub lease: i64,
+}
+
+impl Store {
+    /// Claims the stream of `pipe` for `worker`, if nobody owns it.
+    pub async fn claim_cdc(
+        &self,
+        session: &Session,
+        pipe: &str,
+        worker: &str,
+    ) -> Result<Option<CdcClaim>, StoreError> {
+        let key = self.keys().cdc_owner(pipe);
+        let lease = session.lease_id();
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(self.keys().pipe_spec(pipe), CompareOp::Greater, 0),
+            ])
+            .and_then([TxnOp::put(
+                key.clone(),
+                worker,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = self
+            .request(false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(response.succeeded().then(|| CdcClaim {
+            key,
+            pipe: pipe.to_owned(),
+            lease,
+        }))
+    }
+
+    /// The owner of a pipe's stream and its lease, if any.
+    pub async fn cdc_owner(&self, pipe: &str) -> Result<Option<(String, i64)>, StoreError> {
+        let key = self.keys().cdc_owner(pipe);
+        let response = self
+            .request(true, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        Ok(response
+            .kvs()
+            .first()
+            .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease())))
+    }
+
+    /// Releases a stream claim (on a clean stop).
+    pub async fn release_cdc(&self, claim: &CdcClaim) -> Result<(), StoreError> {
+        let txn = Txn::new()
+            .when([Compare::lease(
+                claim.key.clone(),
+                CompareOp::Equal,
+                claim.lease,
+            )])
+            .and_then([TxnOp::delete(claim.key.clone(), None)]);
+        self.request(false, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The pipe's checkpoint, if one was written.
+    pub async fn checkpoint(&self, pipe: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let key = self.keys().pipe_checkpoint(pipe);
+        let response = self
+            .request(true, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, Some(GetOptions::new())).await }
+            })
+            .await?;
+        response
+            .kvs()
+            .first()
+            .map(|kv| Checkpoint::decode(kv.value()).map_err(|e| StoreError::decode(kv.key(), e)))
+            .transpose()
+    }
+
+    /// Writes the checkpoint, only while `claim` stands. Returns false if the claim is lost.
+    pub async fn put_checkpoint(
+        &self,
+        claim: &CdcClaim,
+        checkpoint: &Checkpoint,
+    ) -> Result<bool, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::lease(
+                claim.key.clone(),
+                CompareOp::Equal,
+                claim.lease,
+            )])
+            .and_then([TxnOp::put(
+                self.keys().pipe_checkpoint(&claim.pipe),
+                checkpoint.encode_to_vec(),
+                None,
+            )]);
+        let response = self
+            .request(false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(response.succeeded())
+    }
+}
