@@ -22,11 +22,6 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     telemetry::init(&args.log);
-    // Streaming changes arrives with the CDC issue; until then the worker holds its place in
-    // the pool (pipes need a CDC worker to be provisioned) and waits for shutdown.
-    worker::run(WorkerKind::Cdc, args.worker, |ctx| async move {
-        ctx.shutdown.requested().await;
-    })
-    .await?;
+    worker::run(WorkerKind::Cdc, args.worker, ferry_cdc_worker::run).await?;
     Ok(())
 }

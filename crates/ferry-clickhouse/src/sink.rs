@@ -223,6 +223,12 @@ impl Sink {
         Ok(Some(rows))
     }
 
+    /// Empties `table` (a replicated TRUNCATE).
+    pub async fn truncate(&self, table: &str) -> Result<(), SinkError> {
+        let sql = format!("TRUNCATE TABLE {}.{}", Ident(&self.database), Ident(table));
+        self.execute("TRUNCATE", &sql).await
+    }
+
     /// The INSERT statement for RowBinary rows of `schema`'s columns plus version and delete
     /// flag, as [`crate::transcode::RowTranscoder`] writes them.
     pub fn insert_statement(&self, table: &str, schema: &TableSchema) -> String {

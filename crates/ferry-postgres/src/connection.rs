@@ -9,6 +9,10 @@ use tracing::debug;
 
 use crate::SourceError;
 
+/// Settings every Ferry session uses, snapshot and replication alike, so values printed as
+/// text (ranges of timestamptz, intervals, bytea) read the same from both.
+pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres -c bytea_output=hex -c extra_float_digits=1";
+
 /// Connects to `source` as its user with `password`; the connection task runs in the
 /// background and ends when the client is dropped.
 pub async fn connect(source: &PostgresSource, password: &str) -> Result<Client, SourceError> {
@@ -25,6 +29,7 @@ pub async fn connect(source: &PostgresSource, password: &str) -> Result<Client, 
         .dbname(&source.database)
         .user(&source.user)
         .application_name("ferry")
+        .options(SESSION_OPTIONS)
         .connect_timeout(Duration::from_secs(10));
     if !password.is_empty() {
         config.password(password);

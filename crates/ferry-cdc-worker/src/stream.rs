@@ -1,0 +1,417 @@
+//! One pipe's replication stream: pgoutput (text mode) decoded, transcoded into per-table
+//! RowBinary batches, written to ClickHouse, then checkpointed, then acknowledged.
+//!
+//! Durability order (DESIGN.md §3, invariant 3): a batch is inserted into ClickHouse, then the
+//! checkpoint (its last commit's end LSN) is written to etcd under this worker's claim, then
+//! the slot is told that LSN is flushed. A batch closes at a commit, when the pull batch size
+//! is reached or the sync interval has passed since its first change, so a checkpoint never
+//! splits a transaction. Every row carries `_ferry_version` = the LSN of its change: a replay
+//! from the checkpoint rewrites rows with the same versions, which ReplacingMergeTree merges.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use ferry_clickhouse::sink::{Sink, SinkError};
+use ferry_clickhouse::transcode::{RowTranscoder, TranscodeError};
+use ferry_clickhouse::types::MappingOptions;
+use ferry_core::naming::default_slot_and_publication;
+use ferry_core::secret::SecretError;
+use ferry_core::spec::{DEFAULT_PULL_BATCH_SIZE, DEFAULT_SYNC_INTERVAL_SECS, source_table_name};
+use ferry_postgres::connection::SESSION_OPTIONS;
+use ferry_postgres::pgoutput::{self, DecodeError, Message, OldTuple, Tuple, Value};
+use ferry_proto::v1::{Checkpoint, SslMode, TableSchema};
+use ferry_server::membership::Member;
+use ferry_server::worker::WorkerContext;
+use ferry_store::cdc::CdcClaim;
+use ferry_store::{PipeRecord, StoreError};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+/// Why a stream stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The replication connection failed.
+    #[error("replication stream failed")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    /// A message did not decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// A value did not transcode.
+    #[error(transparent)]
+    Transcode(#[from] TranscodeError),
+    /// ClickHouse refused a write.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// etcd failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The secrets could not be opened.
+    #[error("the pipe's secrets cannot be opened")]
+    Secret(#[source] SecretError),
+    /// A change for a table the stream does not know.
+    #[error("change for unknown relation {0}")]
+    UnknownRelation(u32),
+    /// A table's columns differ from what Setup recorded.
+    #[error("the columns of {table} changed ({detail}); resync the pipe")]
+    SchemaChanged {
+        /// schema.table.
+        table: String,
+        /// What differs.
+        detail: String,
+    },
+    /// An update left a TOASTed value out and no old row carries it.
+    #[error(
+        "an update of {table} left TOASTed column {column} out; set REPLICA IDENTITY FULL on the table"
+    )]
+    UnchangedToast {
+        /// schema.table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// TLS is required but not supported here.
+    #[error("ssl_mode require is not supported for replication yet")]
+    TlsUnsupported,
+    /// Another worker took the pipe over.
+    #[error("the stream claim was lost")]
+    ClaimLost,
+    /// The server ended the stream.
+    #[error("the replication stream ended")]
+    Ended,
+}
+
+/// A destination table's pending rows.
+struct TableBatch {
+    name: String,
+    schema: TableSchema,
+    transcoder: RowTranscoder,
+    statement: String,
+    body: Vec<u8>,
+    rows: u64,
+}
+
+/// Runs the stream of `record` until it fails, the claim is lost, or it is aborted.
+pub async fn run(
+    ctx: &WorkerContext,
+    member: &Member,
+    record: &PipeRecord,
+    claim: &CdcClaim,
+) -> Result<(), StreamError> {
+    let spec = &record.spec;
+    let name = &spec.name;
+    let source = spec.source.clone().unwrap_or_default();
+    if source.ssl_mode() == SslMode::Require {
+        return Err(StreamError::TlsUnsupported);
+    }
+    let sealed = ctx.store.get_pipe_secrets(name).await?.unwrap_or_default();
+    let secrets = ctx
+        .secret_key
+        .open(name, &sealed)
+        .map_err(StreamError::Secret)?;
+    let sink = Sink::new(
+        &spec.destination.clone().unwrap_or_default(),
+        &secrets.destination_password,
+    );
+    let options = MappingOptions::default();
+    let states: HashMap<String, _> = ctx.store.table_states(name).await?.into_iter().collect();
+    let mut tables: HashMap<String, TableBatch> = HashMap::new();
+    for mapping in &spec.tables {
+        let table = source_table_name(mapping);
+        if let Some(schema) = states.get(&table).and_then(|s| s.schema.clone()) {
+            let batch = TableBatch {
+                statement: sink.insert_statement(&mapping.destination_table, &schema),
+                transcoder: RowTranscoder::new(&schema.columns, options),
+                name: mapping.destination_table.clone(),
+                schema,
+                body: Vec::new(),
+                rows: 0,
+            };
+            tables.insert(table, batch);
+        }
+    }
+    let settings = spec.settings.unwrap_or_default();
+    let batch_limit =
+        u64::try_from(settings.pull_batch_size.unwrap_or(DEFAULT_PULL_BATCH_SIZE)).unwrap_or(1);
+    let interval = settings.sync_interval.map_or(
+        Duration::from_secs(DEFAULT_SYNC_INTERVAL_SECS.unsigned_abs()),
+        |d| Duration::from_secs(d.seconds.unsigned_abs()),
+    );
+
+    let start = ctx.store.checkpoint(name).await?.map_or(0, |c| c.lsn);
+    let slot = if source.slot_name.is_empty() {
+        default_slot_and_publication(name)
+    } else {
+        source.slot_name.clone()
+    };
+    let publication = if source.publication.is_empty() {
+        default_slot_and_publication(name)
+    } else {
+        source.publication.clone()
+    };
+    let config = ReplicationConfig::new(
+        &source.host,
+        &source.user,
+        &secrets.source_password,
+        &source.database,
+        slot,
+        publication,
+    )
+    .with_port(u16::try_from(source.port).unwrap_or(5432))
+    .with_tls(TlsConfig::disabled())
+    .with_binary(false)
+    .with_options(SESSION_OPTIONS)
+    .with_start_lsn(Lsn::from_u64(start))
+    .with_status_interval(Duration::from_secs(5));
+    let mut client = ReplicationClient::connect(config).await?;
+    info!(pipe = %name, start = %pgoutput::Lsn(start), "streaming");
+
+    let mut relations: HashMap<u32, String> = HashMap::new();
+    let mut pending = 0u64;
+    let mut first_change: Option<Instant> = None;
+    let mut in_transaction = false;
+    let mut last_commit = start;
+    loop {
+        let deadline = first_change.map(|t| t + interval);
+        let event = tokio::select! {
+            event = client.recv() => event?,
+            () = sleep_until(deadline), if deadline.is_some() && !in_transaction => {
+                flush(ctx, &sink, &mut tables, claim, last_commit, &client).await?;
+                pending = 0;
+                first_change = None;
+                continue;
+            }
+            () = member.session.lost() => return Err(StreamError::ClaimLost),
+        };
+        let Some(event) = event else {
+            return Err(StreamError::Ended);
+        };
+        match event {
+            ReplicationEvent::Begin { .. } => in_transaction = true,
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                let version = wal_start.as_u64();
+                let changed = apply(&data, version, &mut relations, &mut tables, &sink).await?;
+                if changed {
+                    pending += 1;
+                    first_change.get_or_insert_with(Instant::now);
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                in_transaction = false;
+                last_commit = end_lsn.as_u64();
+                let due = first_change.is_some_and(|t| t.elapsed() >= interval);
+                if pending >= batch_limit || (pending > 0 && due) {
+                    flush(ctx, &sink, &mut tables, claim, last_commit, &client).await?;
+                    pending = 0;
+                    first_change = None;
+                } else if pending == 0 {
+                    // Transactions without rows of ours (heartbeats, other tables) still move
+                    // the checkpoint, once per sync interval, so the slot does not pin WAL.
+                    first_change.get_or_insert_with(Instant::now);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies one pgoutput message; returns whether it added a row.
+async fn apply(
+    data: &Bytes,
+    version: u64,
+    relations: &mut HashMap<u32, String>,
+    tables: &mut HashMap<String, TableBatch>,
+    sink: &Sink,
+) -> Result<bool, StreamError> {
+    let message = pgoutput::decode(data)?;
+    let batch = |relations: &HashMap<u32, String>, oid: u32| {
+        relations
+            .get(&oid)
+            .cloned()
+            .ok_or(StreamError::UnknownRelation(oid))
+    };
+    match message {
+        Message::Relation {
+            oid,
+            namespace,
+            name,
+            columns,
+            ..
+        } => {
+            let table = format!("{namespace}.{name}");
+            if let Some(batch) = tables.get(&table) {
+                let recorded: Vec<&str> = batch
+                    .schema
+                    .columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect();
+                let streamed: Vec<&str> = columns.iter().map(|c| c.name).collect();
+                if recorded != streamed {
+                    return Err(StreamError::SchemaChanged {
+                        table,
+                        detail: format!("recorded {recorded:?}, now {streamed:?}"),
+                    });
+                }
+            }
+            relations.insert(oid, table);
+            Ok(false)
+        }
+        Message::Insert { relation, new } => {
+            let table = batch(relations, relation)?;
+            let Some(b) = tables.get_mut(&table) else {
+                return Ok(false);
+            };
+            let values = resolve(&table, b, &new, None)?;
+            b.transcoder
+                .write_text_row(values.iter().copied(), version, false, &mut b.body)?;
+            b.rows += 1;
+            Ok(true)
+        }
+        Message::Update { relation, old, new } => {
+            let table = batch(relations, relation)?;
+            let Some(b) = tables.get_mut(&table) else {
+                return Ok(false);
+            };
+            let old_full = match old {
+                Some(OldTuple::Full(t)) => Some(t),
+                _ => None,
+            };
+            // The key changed: the old key is deleted, the new row inserted. pgoutput sends the
+            // old key only then; with REPLICA IDENTITY FULL it sends the old row every time.
+            let old_key = match old {
+                Some(OldTuple::Key(key)) => Some(key),
+                Some(OldTuple::Full(row)) if key_changed(&b.schema, &row, &new) => Some(row),
+                _ => None,
+            };
+            if let Some(key) = old_key {
+                let values: Vec<Option<&[u8]>> = key.values().map(text).collect();
+                b.transcoder
+                    .write_text_delete(values, version, &mut b.body)?;
+                b.rows += 1;
+            }
+            let values = resolve(&table, b, &new, old_full)?;
+            b.transcoder
+                .write_text_row(values.iter().copied(), version, false, &mut b.body)?;
+            b.rows += 1;
+            Ok(true)
+        }
+        Message::Delete { relation, old } => {
+            let table = batch(relations, relation)?;
+            let Some(b) = tables.get_mut(&table) else {
+                return Ok(false);
+            };
+            let (OldTuple::Key(t) | OldTuple::Full(t)) = old;
+            let values: Vec<Option<&[u8]>> = t.values().map(text).collect();
+            b.transcoder
+                .write_text_delete(values, version, &mut b.body)?;
+            b.rows += 1;
+            Ok(true)
+        }
+        Message::Truncate {
+            relations: truncated,
+            ..
+        } => {
+            for oid in truncated {
+                let table = batch(relations, oid)?;
+                if let Some(b) = tables.get_mut(&table) {
+                    // Rows before the TRUNCATE go first; rows after it land after.
+                    if b.rows > 0 {
+                        sink.insert(&b.statement, Bytes::from(std::mem::take(&mut b.body)))
+                            .await?;
+                        b.rows = 0;
+                    }
+                    sink.truncate(&b.name).await?;
+                    debug!(table = %table, "truncated");
+                }
+            }
+            Ok(false)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Whether the row key (primary key / identity columns; every column when there is none)
+/// differs between the old and the new row.
+fn key_changed(schema: &TableSchema, old: &Tuple<'_>, new: &Tuple<'_>) -> bool {
+    let keyless = schema.columns.iter().all(|c| c.key_position == 0);
+    schema
+        .columns
+        .iter()
+        .zip(old.values().zip(new.values()))
+        .filter(|(c, _)| keyless || c.key_position > 0)
+        .any(|(_, (a, b))| b != Value::Unchanged && a != b)
+}
+
+fn text(value: Value<'_>) -> Option<&[u8]> {
+    match value {
+        Value::Text(bytes) | Value::Binary(bytes) => Some(bytes),
+        Value::Null | Value::Unchanged => None,
+    }
+}
+
+/// The new row's values, unchanged TOAST values taken from the full old row when there is one.
+fn resolve<'a>(
+    table: &str,
+    b: &TableBatch,
+    new: &Tuple<'a>,
+    old: Option<Tuple<'a>>,
+) -> Result<Vec<Option<&'a [u8]>>, StreamError> {
+    let old_values: Vec<Value<'a>> = old.map(|t| t.values().collect()).unwrap_or_default();
+    new.values()
+        .enumerate()
+        .map(|(i, value)| match value {
+            Value::Unchanged => match old_values.get(i) {
+                Some(previous @ (Value::Text(_) | Value::Binary(_))) => Ok(text(*previous)),
+                _ => Err(StreamError::UnchangedToast {
+                    table: table.to_owned(),
+                    column: b
+                        .schema
+                        .columns
+                        .get(i)
+                        .map_or_else(|| format!("#{i}"), |c| c.name.clone()),
+                }),
+            },
+            other => Ok(text(other)),
+        })
+        .collect()
+}
+
+/// Writes every pending batch, then the checkpoint, then acknowledges the slot.
+async fn flush(
+    ctx: &WorkerContext,
+    sink: &Sink,
+    tables: &mut HashMap<String, TableBatch>,
+    claim: &CdcClaim,
+    lsn: u64,
+    client: &ReplicationClient,
+) -> Result<(), StreamError> {
+    let mut rows = 0;
+    for b in tables.values_mut().filter(|b| b.rows > 0) {
+        sink.insert(&b.statement, Bytes::from(std::mem::take(&mut b.body)))
+            .await?;
+        rows += b.rows;
+        b.rows = 0;
+    }
+    let checkpoint = Checkpoint {
+        lsn,
+        written_at: Some(SystemTime::now().into()),
+        worker_id: ctx.worker_id.clone(),
+    };
+    if !ctx.store.put_checkpoint(claim, &checkpoint).await? {
+        return Err(StreamError::ClaimLost);
+    }
+    client.update_applied_lsn(Lsn::from_u64(lsn));
+    debug!(rows, lsn = %pgoutput::Lsn(lsn), "batch written and checkpointed");
+    Ok(())
+}

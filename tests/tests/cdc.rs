@@ -1,0 +1,184 @@
+//! Change data capture through the real services: after the snapshot, inserts, updates,
+//! deletes, primary-key changes, unchanged TOAST values under REPLICA IDENTITY FULL and a
+//! TRUNCATE reach ClickHouse; the slot is never acknowledged beyond the checkpoint.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use clickhouse::Client;
+use ferry_proto::v1::*;
+use ferry_testkit::clickhouse::ClickHouse;
+use ferry_testkit::etcd::Etcd;
+use ferry_testkit::ferry::Ferry;
+use ferry_testkit::postgres::Postgres;
+use ferry_testkit::wait;
+use prost_types::Duration as ProtoDuration;
+
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// (rows, sum of ids, sum of note lengths, sum of big lengths) of live rows on both sides.
+async fn pg_digest(db: &tokio_postgres::Client, table: &str) -> (i64, String, i64, i64) {
+    let row = db
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(sum(id), 0)::text, coalesce(sum(length(note)), 0)::int8, \
+                        coalesce(sum(length(big)), 0)::int8 FROM {table}"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+async fn ch_digest(ch: &Client, table: &str) -> Option<(i64, String, i64, i64)> {
+    ch.query(&format!(
+        "SELECT toInt64(count()), toString(sum(id)), toInt64(sum(length(ifNull(note, '')))), \
+                toInt64(sum(length(ifNull(big, '')))) FROM dest.{table} FINAL WHERE _ferry_is_deleted = 0"
+    ))
+    .fetch_one::<(i64, String, i64, i64)>()
+    .await
+    .ok()
+}
+
+async fn converge(db: &tokio_postgres::Client, ch: &Client, table: &str) {
+    let expected = pg_digest(db, table).await;
+    let reached = wait::until(WITHIN, || async {
+        let got = ch_digest(ch, table).await?;
+        (got == expected).then_some(())
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "{table}: clickhouse {:?} never matched postgres {expected:?}",
+        ch_digest(ch, table).await
+    );
+}
+
+#[tokio::test]
+async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
+    let pg = Postgres::start().await.unwrap();
+    let ch = ClickHouse::start().await.unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let db = pg.client("postgres").await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, note text, big text);
+         CREATE TABLE wide (id bigint PRIMARY KEY, note text, big text);
+         ALTER TABLE wide REPLICA IDENTITY FULL;
+         ALTER TABLE wide ALTER big SET STORAGE EXTERNAL;
+         INSERT INTO items SELECT i, 'item ' || i, NULL FROM generate_series(1, 1000) i;
+         INSERT INTO wide SELECT i, 'w' || i, repeat('x', 5000) FROM generate_series(1, 10) i;",
+    )
+    .await
+    .unwrap();
+
+    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
+    let coordinator = ferry.coordinator("c1").unwrap();
+    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
+    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
+    coordinator.wait_serving(WITHIN).await.unwrap();
+    let mut client = coordinator.pipe_client().await.unwrap();
+    let spec = PipeSpec {
+        name: "live".into(),
+        source: Some(PostgresSource {
+            host: "127.0.0.1".into(),
+            port: u32::from(pg.port()),
+            database: "postgres".into(),
+            user: "postgres".into(),
+            ..Default::default()
+        }),
+        destination: Some(ClickHouseDestination {
+            url: ch.url(),
+            database: "dest".into(),
+            ..Default::default()
+        }),
+        tables: ["items", "wide"]
+            .into_iter()
+            .map(|t| TableMapping {
+                source_table: t.into(),
+                ..Default::default()
+            })
+            .collect(),
+        mode: PipeMode::SnapshotAndCdc.into(),
+        settings: Some(PipeSettings {
+            sync_interval: Some(ProtoDuration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+    };
+    client
+        .create_pipe(CreatePipeRequest {
+            spec: Some(spec),
+            secrets: None,
+        })
+        .await
+        .unwrap();
+    let running = wait::until(WITHIN, || {
+        let mut client = client.clone();
+        async move {
+            let pipe = client
+                .get_pipe(GetPipeRequest {
+                    name: "live".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .pipe?;
+            let status = pipe.status?;
+            assert_ne!(status.state(), PipeState::Failed, "{:?}", status.error);
+            (status.state() == PipeState::Running).then_some(())
+        }
+    })
+    .await;
+    assert!(running.is_some(), "the pipe never reached running");
+    let clickhouse = Client::default().with_url(ch.url());
+    converge(&db, &clickhouse, "items").await;
+
+    // Changes of every kind, each in its own transaction, some in one.
+    for statement in [
+        "INSERT INTO items SELECT i, 'new ' || i, NULL FROM generate_series(1001, 1500) i",
+        "UPDATE items SET note = note || ' (edited)' WHERE id % 10 = 0",
+        "DELETE FROM items WHERE id % 7 = 0",
+        "UPDATE items SET id = id + 100000 WHERE id BETWEEN 1 AND 20",
+        "BEGIN; INSERT INTO items VALUES (9999999, 'in a transaction', NULL); \
+         UPDATE items SET note = 'twice' WHERE id = 9999999; COMMIT",
+        // Only note changes: big is TOASTed and unchanged (REPLICA IDENTITY FULL carries it).
+        "UPDATE wide SET note = note || '!'",
+        "UPDATE wide SET id = id + 1000 WHERE id = 1",
+    ] {
+        db.batch_execute(statement).await.unwrap();
+    }
+    converge(&db, &clickhouse, "items").await;
+    converge(&db, &clickhouse, "wide").await;
+
+    // TRUNCATE lands in order with what follows it.
+    db.batch_execute("TRUNCATE items").await.unwrap();
+    db.batch_execute("INSERT INTO items VALUES (1, 'after truncate', NULL)")
+        .await
+        .unwrap();
+    converge(&db, &clickhouse, "items").await;
+
+    // Invariant: the slot's confirmed_flush_lsn is never ahead of the checkpoint in etcd.
+    let store = ferry.store().await.unwrap();
+    let checkpoint = store
+        .checkpoint("live")
+        .await
+        .unwrap()
+        .expect("a checkpoint was written")
+        .lsn;
+    let confirmed: String = db
+        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'ferry_live'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (hi, lo) = confirmed.split_once('/').unwrap();
+    let confirmed =
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    assert!(
+        confirmed <= checkpoint,
+        "slot confirmed {confirmed:#x} beyond checkpoint {checkpoint:#x}"
+    );
+}
