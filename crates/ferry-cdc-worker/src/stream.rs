@@ -18,7 +18,8 @@ use ferry_clickhouse::types::MappingOptions;
 use ferry_core::naming::default_slot_and_publication;
 use ferry_core::secret::SecretError;
 use ferry_core::spec::{DEFAULT_PULL_BATCH_SIZE, DEFAULT_SYNC_INTERVAL_SECS, source_table_name};
-use ferry_postgres::connection::SESSION_OPTIONS;
+use ferry_postgres::SourceError;
+use ferry_postgres::connection::{self, SESSION_OPTIONS};
 use ferry_postgres::pgoutput::{self, DecodeError, Message, OldTuple, Tuple, Value};
 use ferry_proto::v1::{Checkpoint, SslMode, TableSchema};
 use ferry_server::membership::Member;
@@ -38,6 +39,9 @@ pub enum StreamError {
     /// A message did not decode.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The source refused a query.
+    #[error(transparent)]
+    Source(#[from] SourceError),
     /// A value did not transcode.
     #[error(transparent)]
     Transcode(#[from] TranscodeError),
@@ -163,8 +167,14 @@ pub async fn run(
     .with_binary(false)
     .with_options(SESSION_OPTIONS)
     .with_start_lsn(Lsn::from_u64(start))
-    .with_status_interval(Duration::from_secs(5));
+    .with_status_interval(interval.clamp(Duration::from_secs(1), Duration::from_secs(10)));
     let mut client = ReplicationClient::connect(config).await?;
+    // A plain connection for heartbeats: on an idle database they give the stream a commit
+    // to checkpoint, so the slot's confirmed position moves and WAL is not pinned.
+    let heartbeats = connection::connect(&source, &secrets.source_password).await?;
+    let mut heartbeat = tokio::time::interval(interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    heartbeat.tick().await;
     info!(pipe = %name, start = %pgoutput::Lsn(start), "streaming");
 
     let mut relations: HashMap<u32, String> = HashMap::new();
@@ -183,6 +193,13 @@ pub async fn run(
                 continue;
             }
             () = member.session.lost() => return Err(StreamError::ClaimLost),
+            _ = heartbeat.tick() => {
+                heartbeats
+                    .batch_execute("SELECT pg_logical_emit_message(true, 'ferry_heartbeat', '')")
+                    .await
+                    .map_err(|source| SourceError::Query { what: "heartbeat", source })?;
+                continue;
+            }
         };
         let Some(event) = event else {
             return Err(StreamError::Ended);
