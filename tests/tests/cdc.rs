@@ -169,16 +169,130 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
         .unwrap()
         .expect("a checkpoint was written")
         .lsn;
-    let confirmed: String = db
-        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'ferry_live'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let (hi, lo) = confirmed.split_once('/').unwrap();
-    let confirmed =
-        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap();
+    let confirmed = confirmed_flush(&db).await;
     assert!(
         confirmed <= checkpoint,
         "slot confirmed {confirmed:#x} beyond checkpoint {checkpoint:#x}"
     );
+
+    // An idle database: heartbeats (every sync interval, 1 s here) still move the slot.
+    let idle_from = confirmed_flush(&db).await;
+    let moved = wait::until(Duration::from_secs(10), || async {
+        (confirmed_flush(&db).await > idle_from).then_some(())
+    })
+    .await;
+    assert!(
+        moved.is_some(),
+        "the slot did not advance while the database was idle"
+    );
+    let checkpoint = store.checkpoint("live").await.unwrap().unwrap().lsn;
+    assert!(confirmed_flush(&db).await <= checkpoint);
+}
+
+async fn confirmed_flush(db: &tokio_postgres::Client) -> u64 {
+    let confirmed: String = db
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'ferry_live'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (hi, lo) = confirmed.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_cdc_worker_is_replaced_and_nothing_is_lost() {
+    let pg = Postgres::start().await.unwrap();
+    let ch = ClickHouse::start().await.unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let db = pg.client("postgres").await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, note text, big text);
+         INSERT INTO items SELECT i, 'item ' || i, NULL FROM generate_series(1, 100) i;",
+    )
+    .await
+    .unwrap();
+    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
+    let coordinator = ferry.coordinator("c1").unwrap();
+    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
+    let mut doomed = ferry.worker(WorkerKind::Cdc, "doomed").unwrap();
+    coordinator.wait_serving(WITHIN).await.unwrap();
+    let mut client = coordinator.pipe_client().await.unwrap();
+    let spec = PipeSpec {
+        name: "live".into(),
+        source: Some(PostgresSource {
+            host: "127.0.0.1".into(),
+            port: u32::from(pg.port()),
+            database: "postgres".into(),
+            user: "postgres".into(),
+            ..Default::default()
+        }),
+        destination: Some(ClickHouseDestination {
+            url: ch.url(),
+            database: "dest".into(),
+            ..Default::default()
+        }),
+        tables: vec![TableMapping {
+            source_table: "items".into(),
+            ..Default::default()
+        }],
+        mode: PipeMode::SnapshotAndCdc.into(),
+        settings: Some(PipeSettings {
+            sync_interval: Some(ProtoDuration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            pull_batch_size: Some(50),
+            ..Default::default()
+        }),
+    };
+    client
+        .create_pipe(CreatePipeRequest {
+            spec: Some(spec),
+            secrets: None,
+        })
+        .await
+        .unwrap();
+    let store = ferry.store().await.unwrap();
+    let owned = wait::until(WITHIN, || async {
+        let (owner, _) = store.cdc_owner("live").await.ok()??;
+        (owner == "doomed").then_some(())
+    })
+    .await;
+    assert!(owned.is_some(), "the doomed worker never took the stream");
+
+    // A bounded write workload runs while the worker is killed and replaced.
+    let writer = pg.client("postgres").await.unwrap();
+    let workload = tokio::spawn(async move {
+        for i in 0..400i64 {
+            let id = 1000 + i;
+            writer
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO items VALUES ({id}, 'w{i}', NULL); \
+                     UPDATE items SET note = note || '+' WHERE id = {}; \
+                     DELETE FROM items WHERE id = {}; COMMIT",
+                    1 + i % 100,
+                    id - 3
+                ))
+                .await
+                .unwrap();
+        }
+    });
+    let progressed = wait::until(WITHIN, || async {
+        let checkpoint = store.checkpoint("live").await.ok()??;
+        (checkpoint.worker_id == "doomed").then_some(())
+    })
+    .await;
+    assert!(progressed.is_some(), "the doomed worker never checkpointed");
+    doomed.process().kill9();
+    let _survivor = ferry.worker(WorkerKind::Cdc, "survivor").unwrap();
+    workload.await.unwrap();
+
+    let clickhouse = Client::default().with_url(ch.url());
+    converge(&db, &clickhouse, "items").await;
+    let checkpoint = store.checkpoint("live").await.unwrap().unwrap();
+    assert_eq!(checkpoint.worker_id, "survivor");
+    assert!(confirmed_flush(&db).await <= checkpoint.lsn);
 }
