@@ -12,6 +12,7 @@ use ferry_core::{PipeMode, PipeState};
 use ferry_server::telemetry::error_chain;
 use ferry_server::worker::WorkerContext;
 use ferry_store::StoreError;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument as _, info, info_span, warn};
 
@@ -20,17 +21,26 @@ const POLL: Duration = Duration::from_millis(500);
 /// Wait after a stream failed before it may be claimed again (by anyone).
 const RETRY: Duration = Duration::from_secs(2);
 
+/// A stream in progress: its task, the signal asking it to stop at a checkpoint, and the spec
+/// revision it runs with (a settings change restarts it).
+struct Stream {
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    spec_revision: i64,
+}
+
 /// Runs until shutdown.
 pub async fn run(ctx: WorkerContext) {
-    let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut running: HashMap<String, Stream> = HashMap::new();
     let mut membership = ctx.membership.clone();
     loop {
-        running.retain(|_, task| !task.is_finished());
+        running.retain(|_, stream| !stream.task.is_finished());
         let member = membership.borrow_and_update().clone();
         match member {
             None => {
-                for (_, task) in running.drain() {
-                    task.abort();
+                // No live session: nothing we hold is ours any more (self-fencing).
+                for (_, stream) in running.drain() {
+                    stream.task.abort();
                 }
             }
             Some(member) => {
@@ -45,15 +55,19 @@ pub async fn run(ctx: WorkerContext) {
             _ = ctx.shutdown.requested() => break,
         }
     }
-    for (_, task) in running.drain() {
-        task.abort();
+    // Shutdown: each stream stops at its next checkpoint, bounded so SIGTERM is honoured.
+    for stream in running.values() {
+        stream.stop.send_replace(true);
+    }
+    for (_, stream) in running.drain() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.task).await;
     }
 }
 
 async fn schedule(
     ctx: &WorkerContext,
     member: &ferry_server::membership::Member,
-    running: &mut HashMap<String, JoinHandle<()>>,
+    running: &mut HashMap<String, Stream>,
 ) -> Result<(), StoreError> {
     let listing = ctx.store.list_pipes().await?;
     let streaming: Vec<_> = listing
@@ -63,11 +77,32 @@ async fn schedule(
             r.status.state() == PipeState::Running && r.spec.mode() != PipeMode::SnapshotOnly
         })
         .collect();
-    running.retain(|pipe, task| {
-        let keep = streaming.iter().any(|r| &r.spec.name == pipe);
+    for (pipe, stream) in running.iter() {
+        let current = streaming.iter().find(|r| &r.spec.name == pipe);
+        let pausing = listing
+            .pipes
+            .get(pipe)
+            .is_some_and(|r| r.status.state() == PipeState::Pausing);
+        match current {
+            // Settings changed: stop at a checkpoint; the next poll starts it with the new ones.
+            Some(record) if record.spec_revision != stream.spec_revision => {
+                stream.stop.send_replace(true);
+            }
+            Some(_) => {}
+            // Pausing: flush and checkpoint the batch, then stop.
+            None if pausing => {
+                stream.stop.send_replace(true);
+            }
+            // Anything else (deleting, failed): stop at once.
+            None => {
+                info!(pipe = %pipe, "pipe stopped running; stopping its stream");
+                stream.task.abort();
+            }
+        }
+    }
+    running.retain(|pipe, stream| {
+        let keep = !stream.task.is_finished();
         if !keep {
-            info!(pipe = %pipe, "pipe stopped running; stopping its stream");
-            task.abort();
             ctx.claims.remove(&ctx.store.keys().cdc_owner(pipe));
         }
         keep
@@ -79,16 +114,22 @@ async fn schedule(
         }
         let Some(claim) = ctx
             .store
-            .claim_cdc(&member.session, name, &ctx.worker_id)
+            .claim_cdc(
+                &member.session,
+                name,
+                record.status_revision,
+                &ctx.worker_id,
+            )
             .await?
         else {
             continue;
         };
         ctx.claims.add(&claim.key);
         let (ctx2, member2, record2) = (ctx.clone(), member.clone(), record.clone());
+        let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("stream", pipe = %name, worker = %ctx.worker_id);
         let task = async move {
-            let result = stream::run(&ctx2, &member2, &record2, &claim).await;
+            let result = stream::run(&ctx2, &member2, &record2, &claim, stop_rx).await;
             if let Err(error) = result {
                 warn!(error = %error_chain(&error), "stream stopped; retrying");
                 tokio::time::sleep(RETRY).await;
@@ -97,7 +138,14 @@ async fn schedule(
             let _ = ctx2.store.release_cdc(&claim).await;
             ctx2.claims.remove(&claim.key);
         };
-        running.insert(name.clone(), tokio::spawn(task.instrument(span)));
+        running.insert(
+            name.clone(),
+            Stream {
+                task: tokio::spawn(task.instrument(span)),
+                stop,
+                spec_revision: record.spec_revision,
+            },
+        );
     }
     Ok(())
 }

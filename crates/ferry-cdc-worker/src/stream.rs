@@ -27,6 +27,7 @@ use ferry_server::worker::WorkerContext;
 use ferry_store::cdc::CdcClaim;
 use ferry_store::{PipeRecord, StoreError};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -97,11 +98,14 @@ struct TableBatch {
 }
 
 /// Runs the stream of `record` until it fails, the claim is lost, or it is aborted.
+/// Runs the stream of `record` until it fails, the claim is lost, or `stop` asks it to end:
+/// then it finishes the open transaction, writes and checkpoints its batch, and returns.
 pub async fn run(
     ctx: &WorkerContext,
     member: &Member,
     record: &PipeRecord,
     claim: &CdcClaim,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), StreamError> {
     let spec = &record.spec;
     let name = &spec.name;
@@ -182,7 +186,14 @@ pub async fn run(
     let mut first_change: Option<Instant> = None;
     let mut in_transaction = false;
     let mut last_commit = start;
+    let mut stopping = false;
     loop {
+        if stopping && !in_transaction {
+            flush(ctx, &sink, &mut tables, claim, last_commit, &client).await?;
+            client.stop();
+            info!(pipe = %name, lsn = %pgoutput::Lsn(last_commit), "stream stopped at a checkpoint");
+            return Ok(());
+        }
         let deadline = first_change.map(|t| t + interval);
         let event = tokio::select! {
             event = client.recv() => event?,
@@ -193,6 +204,10 @@ pub async fn run(
                 continue;
             }
             () = member.session.lost() => return Err(StreamError::ClaimLost),
+            changed = stop.changed(), if !stopping => {
+                stopping = changed.is_err() || *stop.borrow();
+                continue;
+            }
             _ = heartbeat.tick() => {
                 heartbeats
                     .batch_execute("SELECT pg_logical_emit_message(true, 'ferry_heartbeat', '')")

@@ -286,6 +286,25 @@ async fn reconcile_pipe(
             );
             snapshot::advance(ctx, record).await
         }
+        PipeState::Pausing => {
+            // Paused once no worker holds the stream: the owner releases it after flushing and
+            // checkpointing its batch (or its lease expires if it died).
+            match ctx.store.cdc_owner(name).await? {
+                Some((owner, _)) => {
+                    debug!(%owner, "waiting for the stream to stop");
+                    Ok(())
+                }
+                None => {
+                    transition(
+                        ctx,
+                        record,
+                        PipeEvent::PauseDone,
+                        "stream stopped after its last checkpoint".into(),
+                    )
+                    .await
+                }
+            }
+        }
         PipeState::Deleting => {
             // A running Setup may be creating the slot or publication right now: let it end
             // (it is bounded by timeouts) so cleanup drops what it created.

@@ -22,11 +22,14 @@ pub struct CdcClaim {
 }
 
 impl Store {
-    /// Claims the stream of `pipe` for `worker`, if nobody owns it.
+    /// Claims the stream of `pipe` for `worker`, if nobody owns it and the pipe's status is
+    /// still the one read at `status_revision` (a stale read of a pipe being paused or deleted
+    /// cannot start a stream).
     pub async fn claim_cdc(
         &self,
         session: &Session,
         pipe: &str,
+        status_revision: i64,
         worker: &str,
     ) -> Result<Option<CdcClaim>, StoreError> {
         let key = self.keys().cdc_owner(pipe);
@@ -34,7 +37,11 @@ impl Store {
         let txn = Txn::new()
             .when([
                 Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                Compare::create_revision(self.keys().pipe_spec(pipe), CompareOp::Greater, 0),
+                Compare::mod_revision(
+                    self.keys().pipe_status(pipe),
+                    CompareOp::Equal,
+                    status_revision,
+                ),
             ])
             .and_then([TxnOp::put(
                 key.clone(),

@@ -56,8 +56,28 @@ pub(crate) fn not_ready(what: impl Into<String>, seconds: u64, log: &Path) -> Ki
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
+/// A free TCP port on 127.0.0.1 for a server to listen on.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up on Linux): ports there are
+/// handed to outgoing connections at any moment, so one found free could be taken before the
+/// server binds it. Candidates are spread pseudo-randomly so concurrent tests rarely meet.
 pub fn free_port() -> Result<u16, KitError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()) << 17;
+    for _ in 0..200 {
+        let mut x = seed ^ NEXT.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        let port = 20_000 + (x % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

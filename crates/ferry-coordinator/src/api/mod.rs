@@ -261,18 +261,43 @@ impl PipeService for PipeApi {
         &self,
         request: Request<PausePipeRequest>,
     ) -> Result<Response<PausePipeResponse>, Status> {
-        let record = self.existing(&request.get_ref().name).await?;
-        let pipe = Self::not_yet(&record, PipeEvent::PauseRequested, "pausing (CDC)")?;
-        Ok(Response::new(PausePipeResponse { pipe: Some(pipe) }))
+        let name = request.get_ref().name.clone();
+        check_pipe_name(&name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        let fence = route!(self, request, pause_pipe);
+        // Pausing: the CDC worker flushes and checkpoints its batch, then the pipe is Paused.
+        let record = self
+            .apply_event(
+                &fence,
+                &name,
+                PipeEvent::PauseRequested,
+                "PausePipe requested",
+                PipeState::Paused,
+            )
+            .await?;
+        Ok(Response::new(PausePipeResponse {
+            pipe: Some(to_proto(&record)),
+        }))
     }
 
     async fn resume_pipe(
         &self,
         request: Request<ResumePipeRequest>,
     ) -> Result<Response<ResumePipeResponse>, Status> {
-        let record = self.existing(&request.get_ref().name).await?;
-        let pipe = Self::not_yet(&record, PipeEvent::ResumeRequested, "resuming (CDC)")?;
-        Ok(Response::new(ResumePipeResponse { pipe: Some(pipe) }))
+        let name = request.get_ref().name.clone();
+        check_pipe_name(&name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        let fence = route!(self, request, resume_pipe);
+        let record = self
+            .apply_event(
+                &fence,
+                &name,
+                PipeEvent::ResumeRequested,
+                "ResumePipe requested",
+                PipeState::Running,
+            )
+            .await?;
+        Ok(Response::new(ResumePipeResponse {
+            pipe: Some(to_proto(&record)),
+        }))
     }
 
     async fn resync_pipe(
@@ -333,44 +358,65 @@ impl PipeService for PipeApi {
         let name = request.get_ref().name.clone();
         check_pipe_name(&name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
         let fence = route!(self, request, delete_pipe);
+        let record = self
+            .apply_event(
+                &fence,
+                &name,
+                PipeEvent::DeleteRequested,
+                "DeletePipe requested",
+                PipeState::Deleting,
+            )
+            .await?;
+        Ok(Response::new(DeletePipeResponse {
+            pipe: Some(to_proto(&record)),
+        }))
+    }
+}
+
+impl PipeApi {
+    /// Applies a user's `event` to the pipe (compare-and-swap, retried on a concurrent
+    /// change). A pipe already in `settled` state is returned as it is (requests are
+    /// idempotent); an event the state does not allow is FAILED_PRECONDITION.
+    async fn apply_event(
+        &self,
+        fence: &ferry_store::Fence,
+        name: &str,
+        event: PipeEvent,
+        reason: &str,
+        settled: PipeState,
+    ) -> Result<PipeRecord, Status> {
         for _ in 0..CAS_ATTEMPTS {
-            let mut record = self.existing(&name).await?;
-            let state = record.status.state();
-            if state == PipeState::Deleting {
-                // Already on its way out: deleting again is not an error.
-                return Ok(Response::new(DeletePipeResponse {
-                    pipe: Some(to_proto(&record)),
-                }));
+            let mut record = self.existing(name).await?;
+            if record.status.state() == settled {
+                return Ok(record);
             }
             let status = lifecycle::apply(
                 &record.status,
                 record.spec.mode(),
-                PipeEvent::DeleteRequested,
-                "DeletePipe requested",
+                event,
+                reason,
                 None,
                 SystemTime::now(),
             )
-            .map_err(|e| illegal(&name, &e))?;
+            .map_err(|e| illegal(name, &e))?;
             match self
                 .store()
-                .put_pipe_status(&fence, &name, record.status_revision, &status)
+                .put_pipe_status(fence, name, record.status_revision, &status)
                 .await
             {
                 Ok(revision) => {
                     record.status = status;
                     record.status_revision = revision;
-                    info!(pipe = %name, "pipe deletion requested");
-                    return Ok(Response::new(DeletePipeResponse {
-                        pipe: Some(to_proto(&record)),
-                    }));
+                    info!(pipe = %name, reason, "pipe state changed by request");
+                    return Ok(record);
                 }
                 Err(StoreError::Conflict { .. }) => continue,
                 Err(other) => return Err(self.write_error(other)),
             }
         }
-        warn!(pipe = %name, "delete kept conflicting");
+        warn!(pipe = %name, "request kept conflicting");
         Err(Status::aborted(format!(
-            "pipe {name} kept changing during the delete; retry"
+            "pipe {name} kept changing during the request; retry"
         )))
     }
 }
