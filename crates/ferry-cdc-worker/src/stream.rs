@@ -87,6 +87,10 @@ pub enum StreamError {
     Ended,
 }
 
+/// Most bytes of rows buffered before they are written, even inside a transaction: bounds the
+/// worker's memory whatever the transaction size or the batch settings.
+const MAX_BUFFERED_BYTES: usize = 32 << 20;
+
 /// A destination table's pending rows.
 struct TableBatch {
     name: String,
@@ -229,6 +233,12 @@ pub async fn run(
                 if changed {
                     pending += 1;
                     first_change.get_or_insert_with(Instant::now);
+                }
+                // A transaction too large to hold: write what is buffered without moving the
+                // checkpoint. pgoutput sends only committed transactions, and a replay after a
+                // crash rewrites these rows with the same versions, so partial writes are safe.
+                if tables.values().map(|b| b.body.len()).sum::<usize>() >= MAX_BUFFERED_BYTES {
+                    write_rows(&sink, &mut tables).await?;
                 }
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
@@ -419,6 +429,21 @@ fn resolve<'a>(
         .collect()
 }
 
+/// Inserts every table's buffered rows into ClickHouse. Returns the rows written.
+async fn write_rows(
+    sink: &Sink,
+    tables: &mut HashMap<String, TableBatch>,
+) -> Result<u64, StreamError> {
+    let mut rows = 0;
+    for b in tables.values_mut().filter(|b| b.rows > 0) {
+        sink.insert(&b.statement, Bytes::from(std::mem::take(&mut b.body)))
+            .await?;
+        rows += b.rows;
+        b.rows = 0;
+    }
+    Ok(rows)
+}
+
 /// Writes every pending batch, then the checkpoint, then acknowledges the slot.
 async fn flush(
     ctx: &WorkerContext,
@@ -428,13 +453,7 @@ async fn flush(
     lsn: u64,
     client: &ReplicationClient,
 ) -> Result<(), StreamError> {
-    let mut rows = 0;
-    for b in tables.values_mut().filter(|b| b.rows > 0) {
-        sink.insert(&b.statement, Bytes::from(std::mem::take(&mut b.body)))
-            .await?;
-        rows += b.rows;
-        b.rows = 0;
-    }
+    let rows = write_rows(sink, tables).await?;
     let checkpoint = Checkpoint {
         lsn,
         written_at: Some(SystemTime::now().into()),
