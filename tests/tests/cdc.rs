@@ -187,6 +187,72 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
     );
     let checkpoint = store.checkpoint("live").await.unwrap().unwrap().lsn;
     assert!(confirmed_flush(&db).await <= checkpoint);
+
+    // ADD COLUMN reaches ClickHouse; DROP COLUMN keeps the ClickHouse column.
+    for statement in [
+        "ALTER TABLE items ADD COLUMN extra integer",
+        "INSERT INTO items VALUES (2, 'with extra', NULL, 7)",
+        "UPDATE items SET extra = 5 WHERE id = 1",
+        "ALTER TABLE items DROP COLUMN big",
+        "INSERT INTO items (id, note, extra) VALUES (3, 'after drop', 9)",
+    ] {
+        db.batch_execute(statement).await.unwrap();
+    }
+    let expected: (i64, i64) = {
+        let row = db
+            .query_one(
+                "SELECT count(*), coalesce(sum(extra), 0)::int8 FROM items",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let reached = wait::until(WITHIN, || async {
+        let got: (i64, i64) = clickhouse
+            .query("SELECT toInt64(count()), toInt64(sum(ifNull(extra, 0))) FROM dest.items FINAL WHERE _ferry_is_deleted = 0")
+            .fetch_one()
+            .await
+            .ok()?;
+        (got == expected).then_some(())
+    })
+    .await;
+    assert!(reached.is_some(), "added column never matched {expected:?}");
+    let big_kept: u64 = clickhouse
+        .query("SELECT count() FROM system.columns WHERE database = 'dest' AND table = 'items' AND name = 'big'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(big_kept, 1, "a dropped source column stays in ClickHouse");
+
+    // An incompatible type change fails the pipe, naming the table and the remedy.
+    db.batch_execute("ALTER TABLE wide ALTER COLUMN note TYPE integer USING length(note)")
+        .await
+        .unwrap();
+    db.batch_execute("INSERT INTO wide VALUES (500, 1, 'x')")
+        .await
+        .unwrap();
+    let failed = wait::until(WITHIN, || {
+        let mut client = client.clone();
+        async move {
+            let status = client
+                .get_pipe(GetPipeRequest {
+                    name: "live".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .pipe?
+                .status?;
+            (status.state() == PipeState::Failed).then_some(status)
+        }
+    })
+    .await
+    .expect("the pipe did not fail on an incompatible type change");
+    let error = failed.error.unwrap();
+    assert_eq!(error.table, "public.wide");
+    assert!(error.message.contains("changed type"), "{}", error.message);
+    assert!(error.remedy.contains("resync"), "{}", error.remedy);
 }
 
 async fn confirmed_flush(db: &tokio_postgres::Client) -> u64 {

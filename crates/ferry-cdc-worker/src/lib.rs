@@ -4,11 +4,13 @@
 //! lease expires, and by then this one has stopped).
 
 pub mod stream;
+mod table;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use ferry_core::{PipeMode, PipeState};
+use ferry_proto::v1::PipeError;
 use ferry_server::telemetry::error_chain;
 use ferry_server::worker::WorkerContext;
 use ferry_store::StoreError;
@@ -130,9 +132,24 @@ async fn schedule(
         let span = info_span!("stream", pipe = %name, worker = %ctx.worker_id);
         let task = async move {
             let result = stream::run(&ctx2, &member2, &record2, &claim, stop_rx).await;
-            if let Err(error) = result {
-                warn!(error = %error_chain(&error), "stream stopped; retrying");
-                tokio::time::sleep(RETRY).await;
+            match result {
+                Ok(()) => {}
+                Err(error) if error.is_fatal() => {
+                    warn!(error = %error_chain(&error), "stream cannot continue; failing the pipe");
+                    let report = PipeError {
+                        message: error_chain(&error),
+                        remedy: error.remedy(),
+                        table: error.table().unwrap_or_default().to_owned(),
+                        occurred_at: Some(std::time::SystemTime::now().into()),
+                    };
+                    if let Err(e) = ctx2.store.report_stream_error(&claim, &report).await {
+                        warn!(error = %error_chain(&e), "cannot report the stream error");
+                    }
+                }
+                Err(error) => {
+                    warn!(error = %error_chain(&error), "stream stopped; retrying");
+                    tokio::time::sleep(RETRY).await;
+                }
             }
             // Hand the stream back so this or another worker resumes from the checkpoint.
             let _ = ctx2.store.release_cdc(&claim).await;

@@ -13,15 +13,15 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use ferry_clickhouse::sink::{Sink, SinkError};
-use ferry_clickhouse::transcode::{RowTranscoder, TranscodeError};
+use ferry_clickhouse::transcode::TranscodeError;
 use ferry_clickhouse::types::MappingOptions;
 use ferry_core::naming::default_slot_and_publication;
 use ferry_core::secret::SecretError;
 use ferry_core::spec::{DEFAULT_PULL_BATCH_SIZE, DEFAULT_SYNC_INTERVAL_SECS, source_table_name};
 use ferry_postgres::SourceError;
 use ferry_postgres::connection::{self, SESSION_OPTIONS};
-use ferry_postgres::pgoutput::{self, DecodeError, Message, OldTuple, Tuple, Value};
-use ferry_proto::v1::{Checkpoint, SslMode, TableSchema};
+use ferry_postgres::pgoutput::{self, DecodeError, Message};
+use ferry_proto::v1::{Checkpoint, SslMode};
 use ferry_server::membership::Member;
 use ferry_server::worker::WorkerContext;
 use ferry_store::cdc::CdcClaim;
@@ -30,6 +30,8 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
+
+use crate::table::{Evolve, TableBatch};
 
 /// Why a stream stopped.
 #[derive(Debug, thiserror::Error)]
@@ -87,21 +89,58 @@ pub enum StreamError {
     Ended,
 }
 
+impl StreamError {
+    /// Whether retrying cannot help: the pipe must fail and a human act.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            Self::Decode(_)
+            | Self::Transcode(_)
+            | Self::UnknownRelation(_)
+            | Self::SchemaChanged { .. }
+            | Self::UnchangedToast { .. }
+            | Self::TlsUnsupported
+            | Self::Secret(_) => true,
+            Self::Sink(e) => !e.is_transient(),
+            Self::Replication(_)
+            | Self::Store(_)
+            | Self::Source(_)
+            | Self::ClaimLost
+            | Self::Ended => false,
+        }
+    }
+
+    /// What to do about a fatal error.
+    pub fn remedy(&self) -> String {
+        match self {
+            Self::SchemaChanged { .. } => {
+                "resync the pipe to reload the table with its new definition".into()
+            }
+            Self::UnchangedToast { table, .. } => {
+                format!("run ALTER TABLE {table} REPLICA IDENTITY FULL; then resync the pipe")
+            }
+            Self::TlsUnsupported => "use ssl_mode disable or prefer".into(),
+            Self::Secret(_) => {
+                "give every worker the secret key the pipe was created with (--secret-key-file)"
+                    .into()
+            }
+            Self::Sink(e) => e.remedy(),
+            _ => "see the error; resync the pipe once its cause is fixed".into(),
+        }
+    }
+
+    /// The table concerned, if any.
+    pub fn table(&self) -> Option<&str> {
+        match self {
+            Self::SchemaChanged { table, .. } | Self::UnchangedToast { table, .. } => Some(table),
+            _ => None,
+        }
+    }
+}
+
 /// Most bytes of rows buffered before they are written, even inside a transaction: bounds the
 /// worker's memory whatever the transaction size or the batch settings.
 const MAX_BUFFERED_BYTES: usize = 32 << 20;
 
-/// A destination table's pending rows.
-struct TableBatch {
-    name: String,
-    schema: TableSchema,
-    transcoder: RowTranscoder,
-    statement: String,
-    body: Vec<u8>,
-    rows: u64,
-}
-
-/// Runs the stream of `record` until it fails, the claim is lost, or it is aborted.
 /// Runs the stream of `record` until it fails, the claim is lost, or `stop` asks it to end:
 /// then it finishes the open transaction, writes and checkpoints its batch, and returns.
 pub async fn run(
@@ -132,14 +171,13 @@ pub async fn run(
     for mapping in &spec.tables {
         let table = source_table_name(mapping);
         if let Some(schema) = states.get(&table).and_then(|s| s.schema.clone()) {
-            let batch = TableBatch {
-                statement: sink.insert_statement(&mapping.destination_table, &schema),
-                transcoder: RowTranscoder::new(&schema.columns, options),
-                name: mapping.destination_table.clone(),
+            let batch = TableBatch::new(
+                table.clone(),
+                mapping.destination_table.clone(),
                 schema,
-                body: Vec::new(),
-                rows: 0,
-            };
+                &sink,
+                options,
+            );
             tables.insert(table, batch);
         }
     }
@@ -229,7 +267,14 @@ pub async fn run(
                 wal_start, data, ..
             } => {
                 let version = wal_start.as_u64();
-                let changed = apply(&data, version, &mut relations, &mut tables, &sink).await?;
+                let evolve = Evolve {
+                    sink: &sink,
+                    source: &heartbeats,
+                    store: &ctx.store,
+                    claim,
+                    options,
+                };
+                let changed = apply(&data, version, &mut relations, &mut tables, &evolve).await?;
                 if changed {
                     pending += 1;
                     first_change.get_or_insert_with(Instant::now);
@@ -273,10 +318,10 @@ async fn apply(
     version: u64,
     relations: &mut HashMap<u32, String>,
     tables: &mut HashMap<String, TableBatch>,
-    sink: &Sink,
+    evolve: &Evolve<'_>,
 ) -> Result<bool, StreamError> {
     let message = pgoutput::decode(data)?;
-    let batch = |relations: &HashMap<u32, String>, oid: u32| {
+    let table = |relations: &HashMap<u32, String>, oid: u32| {
         relations
             .get(&oid)
             .cloned()
@@ -290,91 +335,38 @@ async fn apply(
             columns,
             ..
         } => {
-            let table = format!("{namespace}.{name}");
-            if let Some(batch) = tables.get(&table) {
-                let recorded: Vec<&str> = batch
-                    .schema
-                    .columns
-                    .iter()
-                    .map(|c| c.name.as_str())
-                    .collect();
-                let streamed: Vec<&str> = columns.iter().map(|c| c.name).collect();
-                if recorded != streamed {
-                    return Err(StreamError::SchemaChanged {
-                        table,
-                        detail: format!("recorded {recorded:?}, now {streamed:?}"),
-                    });
-                }
+            let source_table = format!("{namespace}.{name}");
+            if let Some(batch) = tables.get_mut(&source_table) {
+                batch.relation(&columns, evolve).await?;
             }
-            relations.insert(oid, table);
+            relations.insert(oid, source_table);
             Ok(false)
         }
-        Message::Insert { relation, new } => {
-            let table = batch(relations, relation)?;
-            let Some(b) = tables.get_mut(&table) else {
-                return Ok(false);
-            };
-            let values = resolve(&table, b, &new, None)?;
-            b.transcoder
-                .write_text_row(values.iter().copied(), version, false, &mut b.body)?;
-            b.rows += 1;
-            Ok(true)
-        }
+        Message::Insert { relation, new } => match tables.get_mut(&table(relations, relation)?) {
+            Some(batch) => batch.insert(&new, version).map(|()| true),
+            None => Ok(false),
+        },
         Message::Update { relation, old, new } => {
-            let table = batch(relations, relation)?;
-            let Some(b) = tables.get_mut(&table) else {
-                return Ok(false);
-            };
-            let old_full = match old {
-                Some(OldTuple::Full(t)) => Some(t),
-                _ => None,
-            };
-            // The key changed: the old key is deleted, the new row inserted. pgoutput sends the
-            // old key only then; with REPLICA IDENTITY FULL it sends the old row every time.
-            let old_key = match old {
-                Some(OldTuple::Key(key)) => Some(key),
-                Some(OldTuple::Full(row)) if key_changed(&b.schema, &row, &new) => Some(row),
-                _ => None,
-            };
-            if let Some(key) = old_key {
-                let values: Vec<Option<&[u8]>> = key.values().map(text).collect();
-                b.transcoder
-                    .write_text_delete(values, version, &mut b.body)?;
-                b.rows += 1;
+            match tables.get_mut(&table(relations, relation)?) {
+                Some(batch) => batch.update(old, &new, version).map(|()| true),
+                None => Ok(false),
             }
-            let values = resolve(&table, b, &new, old_full)?;
-            b.transcoder
-                .write_text_row(values.iter().copied(), version, false, &mut b.body)?;
-            b.rows += 1;
-            Ok(true)
         }
-        Message::Delete { relation, old } => {
-            let table = batch(relations, relation)?;
-            let Some(b) = tables.get_mut(&table) else {
-                return Ok(false);
-            };
-            let (OldTuple::Key(t) | OldTuple::Full(t)) = old;
-            let values: Vec<Option<&[u8]>> = t.values().map(text).collect();
-            b.transcoder
-                .write_text_delete(values, version, &mut b.body)?;
-            b.rows += 1;
-            Ok(true)
-        }
+        Message::Delete { relation, old } => match tables.get_mut(&table(relations, relation)?) {
+            Some(batch) => batch.delete(old, version).map(|()| true),
+            None => Ok(false),
+        },
         Message::Truncate {
             relations: truncated,
             ..
         } => {
             for oid in truncated {
-                let table = batch(relations, oid)?;
-                if let Some(b) = tables.get_mut(&table) {
+                let name = table(relations, oid)?;
+                if let Some(batch) = tables.get_mut(&name) {
                     // Rows before the TRUNCATE go first; rows after it land after.
-                    if b.rows > 0 {
-                        sink.insert(&b.statement, Bytes::from(std::mem::take(&mut b.body)))
-                            .await?;
-                        b.rows = 0;
-                    }
-                    sink.truncate(&b.name).await?;
-                    debug!(table = %table, "truncated");
+                    batch.write(evolve.sink).await?;
+                    evolve.sink.truncate(&batch.name).await?;
+                    debug!(table = %name, "truncated");
                 }
             }
             Ok(false)
@@ -383,63 +375,14 @@ async fn apply(
     }
 }
 
-/// Whether the row key (primary key / identity columns; every column when there is none)
-/// differs between the old and the new row.
-fn key_changed(schema: &TableSchema, old: &Tuple<'_>, new: &Tuple<'_>) -> bool {
-    let keyless = schema.columns.iter().all(|c| c.key_position == 0);
-    schema
-        .columns
-        .iter()
-        .zip(old.values().zip(new.values()))
-        .filter(|(c, _)| keyless || c.key_position > 0)
-        .any(|(_, (a, b))| b != Value::Unchanged && a != b)
-}
-
-fn text(value: Value<'_>) -> Option<&[u8]> {
-    match value {
-        Value::Text(bytes) | Value::Binary(bytes) => Some(bytes),
-        Value::Null | Value::Unchanged => None,
-    }
-}
-
-/// The new row's values, unchanged TOAST values taken from the full old row when there is one.
-fn resolve<'a>(
-    table: &str,
-    b: &TableBatch,
-    new: &Tuple<'a>,
-    old: Option<Tuple<'a>>,
-) -> Result<Vec<Option<&'a [u8]>>, StreamError> {
-    let old_values: Vec<Value<'a>> = old.map(|t| t.values().collect()).unwrap_or_default();
-    new.values()
-        .enumerate()
-        .map(|(i, value)| match value {
-            Value::Unchanged => match old_values.get(i) {
-                Some(previous @ (Value::Text(_) | Value::Binary(_))) => Ok(text(*previous)),
-                _ => Err(StreamError::UnchangedToast {
-                    table: table.to_owned(),
-                    column: b
-                        .schema
-                        .columns
-                        .get(i)
-                        .map_or_else(|| format!("#{i}"), |c| c.name.clone()),
-                }),
-            },
-            other => Ok(text(other)),
-        })
-        .collect()
-}
-
 /// Inserts every table's buffered rows into ClickHouse. Returns the rows written.
 async fn write_rows(
     sink: &Sink,
     tables: &mut HashMap<String, TableBatch>,
 ) -> Result<u64, StreamError> {
     let mut rows = 0;
-    for b in tables.values_mut().filter(|b| b.rows > 0) {
-        sink.insert(&b.statement, Bytes::from(std::mem::take(&mut b.body)))
-            .await?;
-        rows += b.rows;
-        b.rows = 0;
+    for batch in tables.values_mut() {
+        rows += batch.write(sink).await?;
     }
     Ok(rows)
 }

@@ -223,6 +223,25 @@ impl Sink {
         Ok(Some(rows))
     }
 
+    /// Adds a column after `after` (a replicated ADD COLUMN); existing rows get the type's
+    /// default.
+    pub async fn add_column(
+        &self,
+        table: &str,
+        column: &str,
+        ty: &str,
+        after: &str,
+    ) -> Result<(), SinkError> {
+        let sql = format!(
+            "ALTER TABLE {}.{} ADD COLUMN IF NOT EXISTS {} {ty} AFTER {}",
+            Ident(&self.database),
+            Ident(table),
+            Ident(column),
+            Ident(after)
+        );
+        self.execute("ADD COLUMN", &sql).await
+    }
+
     /// Empties `table` (a replicated TRUNCATE).
     pub async fn truncate(&self, table: &str) -> Result<(), SinkError> {
         let sql = format!("TRUNCATE TABLE {}.{}", Ident(&self.database), Ident(table));

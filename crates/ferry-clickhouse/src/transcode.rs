@@ -141,6 +141,17 @@ impl RowTranscoder {
         self.write_text(values, version, is_deleted, false, out)
     }
 
+    /// As [`RowTranscoder::write_text_row`], writing the type's zero value where a NOT NULL
+    /// column has no value (a column dropped at the source, which the destination keeps).
+    pub fn write_text_filled<'v>(
+        &mut self,
+        values: impl IntoIterator<Item = Option<&'v [u8]>>,
+        version: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), TranscodeError> {
+        self.write_text(values, version, false, true, out)
+    }
+
     /// A delete marker (`_ferry_is_deleted = 1`) from the old key (text values; columns not in
     /// the key are None). Columns that cannot be NULL get their type's zero value: only the
     /// key and the version matter in a delete row.

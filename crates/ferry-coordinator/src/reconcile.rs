@@ -286,6 +286,28 @@ async fn reconcile_pipe(
             );
             snapshot::advance(ctx, record).await
         }
+        PipeState::Running => match ctx.store.stream_error(name).await? {
+            // The CDC worker hit something retrying cannot fix.
+            Some(error) => {
+                let now = SystemTime::now();
+                let Ok(status) = lifecycle::apply(
+                    &record.status,
+                    record.spec.mode(),
+                    PipeEvent::Failed,
+                    "replication failed",
+                    Some(error),
+                    now,
+                ) else {
+                    return Ok(());
+                };
+                ctx.store
+                    .put_pipe_status(&ctx.fence, name, record.status_revision, &status)
+                    .await?;
+                warn!(pipe = %name, "pipe failed: replication cannot continue");
+                Ok(())
+            }
+            None => Ok(()),
+        },
         PipeState::Pausing => {
             // Paused once no worker holds the stream: the owner releases it after flushing and
             // checkpointing its batch (or its lease expires if it died).

@@ -5,7 +5,7 @@
 //! stands, so a worker that lost its lease (and may have been replaced) cannot move it.
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
-use ferry_proto::v1::Checkpoint;
+use ferry_proto::v1::{Checkpoint, PipeError, TableState};
 use prost::Message as _;
 
 use crate::{Session, Store, StoreError};
@@ -126,6 +126,73 @@ impl Store {
                 checkpoint.encode_to_vec(),
                 None,
             )]);
+        let response = self
+            .request(false, |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(response.succeeded())
+    }
+
+    /// Records the new state of a table whose columns changed, while `claim` stands.
+    pub async fn put_table_state_claimed(
+        &self,
+        claim: &CdcClaim,
+        table: &str,
+        state: &TableState,
+    ) -> Result<bool, StoreError> {
+        self.put_claimed(
+            claim,
+            self.keys().pipe_table(&claim.pipe, table),
+            state.encode_to_vec(),
+        )
+        .await
+    }
+
+    /// Reports a failure the stream cannot get past; the coordinator fails the pipe with it.
+    pub async fn report_stream_error(
+        &self,
+        claim: &CdcClaim,
+        error: &PipeError,
+    ) -> Result<bool, StoreError> {
+        self.put_claimed(
+            claim,
+            self.keys().stream_error(&claim.pipe),
+            error.encode_to_vec(),
+        )
+        .await
+    }
+
+    /// The stream failure reported for a pipe, if any.
+    pub async fn stream_error(&self, pipe: &str) -> Result<Option<PipeError>, StoreError> {
+        let key = self.keys().stream_error(pipe);
+        let response = self
+            .request(true, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        response
+            .kvs()
+            .first()
+            .map(|kv| PipeError::decode(kv.value()).map_err(|e| StoreError::decode(kv.key(), e)))
+            .transpose()
+    }
+
+    async fn put_claimed(
+        &self,
+        claim: &CdcClaim,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::lease(
+                claim.key.clone(),
+                CompareOp::Equal,
+                claim.lease,
+            )])
+            .and_then([TxnOp::put(key, value, None)]);
         let response = self
             .request(false, |mut c| {
                 let txn = txn.clone();

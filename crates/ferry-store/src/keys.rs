@@ -76,6 +76,11 @@ impl Keys {
         format!("{}resources", self.pipe(pipe))
     }
 
+    /// `pipes/<pipe>/stream_error`: a failure the CDC worker cannot get past (PipeError).
+    pub fn stream_error(&self, pipe: &str) -> String {
+        format!("{}stream_error", self.pipe(pipe))
+    }
+
     /// `pipes/<pipe>/exported_snapshot`: the snapshot partitions import.
     pub fn exported_snapshot(&self, pipe: &str) -> String {
         format!("{}exported_snapshot", self.pipe(pipe))
