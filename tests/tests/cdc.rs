@@ -503,3 +503,116 @@ async fn pause_stops_the_stream_at_a_checkpoint_and_resume_catches_up() {
     converge(&db, &clickhouse, "items").await;
     assert_eq!(state(&mut client).await, PipeState::Running);
 }
+
+#[tokio::test]
+async fn unchanged_toast_values_survive_updates_without_replica_identity_full() {
+    let pg = Postgres::start().await.unwrap();
+    let ch = ClickHouse::start().await.unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let db = pg.client("postgres").await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE docs (id bigint PRIMARY KEY, title text, body text, tags text[], blob bytea);
+         ALTER TABLE docs ALTER body SET STORAGE EXTERNAL;
+         ALTER TABLE docs ALTER tags SET STORAGE EXTERNAL;
+         ALTER TABLE docs ALTER blob SET STORAGE EXTERNAL;
+         INSERT INTO docs SELECT i, 'title ' || i,
+             repeat(md5(i::text), 32768),
+             ARRAY(SELECT 'tag \"' || j || '\\' FROM generate_series(1, 500) j),
+             decode(repeat(md5(i::text), 200), 'hex')
+           FROM generate_series(1, 5) i;",
+    )
+    .await
+    .unwrap();
+    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
+    let coordinator = ferry.coordinator("c1").unwrap();
+    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
+    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
+    coordinator.wait_serving(WITHIN).await.unwrap();
+    let mut client = coordinator.pipe_client().await.unwrap();
+    let spec = PipeSpec {
+        name: "live".into(),
+        source: Some(PostgresSource {
+            host: "127.0.0.1".into(),
+            port: u32::from(pg.port()),
+            database: "postgres".into(),
+            user: "postgres".into(),
+            ..Default::default()
+        }),
+        destination: Some(ClickHouseDestination {
+            url: ch.url(),
+            database: "dest".into(),
+            ..Default::default()
+        }),
+        tables: vec![TableMapping {
+            source_table: "docs".into(),
+            ..Default::default()
+        }],
+        mode: PipeMode::SnapshotAndCdc.into(),
+        settings: Some(PipeSettings {
+            sync_interval: Some(ProtoDuration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+    };
+    client
+        .create_pipe(CreatePipeRequest {
+            spec: Some(spec),
+            secrets: None,
+        })
+        .await
+        .unwrap();
+    let running = wait::until(WITHIN, || {
+        let mut client = client.clone();
+        async move { (state(&mut client).await == PipeState::Running).then_some(()) }
+    })
+    .await;
+    assert!(running.is_some());
+    let store = ferry.store().await.unwrap();
+    let streaming = wait::until(WITHIN, || async {
+        store.cdc_owner("live").await.ok()?.map(|_| ())
+    })
+    .await;
+    assert!(streaming.is_some());
+
+    // Only the title changes: body (1 MB), tags and blob are TOASTed and not sent.
+    for statement in [
+        "UPDATE docs SET title = title || ' (1)'",
+        "INSERT INTO docs VALUES (6, 'six', repeat('z', 100000), ARRAY['a'], '\\x00ff')",
+        "UPDATE docs SET title = 'six again' WHERE id = 6",
+        "UPDATE docs SET title = title || ' (2)' WHERE id <= 2",
+    ] {
+        db.batch_execute(statement).await.unwrap();
+    }
+    let digest = "SELECT string_agg(id || ':' || title || ':' || md5(body) || ':' || md5(array_to_string(tags, ',')) \
+                  || ':' || md5(blob), '|' ORDER BY id) FROM docs";
+    let expected: String = db.query_one(digest, &[]).await.unwrap().get(0);
+    let clickhouse = Client::default().with_url(ch.url());
+    let ch_digest = "SELECT arrayStringConcat(groupArray(line), '|') FROM (SELECT concat(toString(id), ':', \
+                     assumeNotNull(title), ':', lower(hex(MD5(assumeNotNull(body)))), ':', \
+                     lower(hex(MD5(arrayStringConcat(tags, ',')))), ':', lower(hex(MD5(assumeNotNull(blob))))) AS line \
+                     FROM dest.docs FINAL WHERE _ferry_is_deleted = 0 ORDER BY id)";
+    let matched = wait::until(WITHIN, || async {
+        let got: String = clickhouse.query(ch_digest).fetch_one().await.ok()?;
+        (got == expected).then_some(())
+    })
+    .await;
+    let got: String = clickhouse
+        .query(ch_digest)
+        .fetch_one()
+        .await
+        .unwrap_or_default();
+    let problems: Vec<String> = ferry
+        .all_logs()
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        matched.is_some(),
+        "clickhouse\n{got}\npostgres\n{expected}\nlogs:\n{}",
+        problems.join("\n")
+    );
+    assert_eq!(state(&mut client).await, PipeState::Running);
+}

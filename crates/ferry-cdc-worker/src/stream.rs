@@ -348,7 +348,10 @@ async fn apply(
         },
         Message::Update { relation, old, new } => {
             match tables.get_mut(&table(relations, relation)?) {
-                Some(batch) => batch.update(old, &new, version).map(|()| true),
+                Some(batch) => batch
+                    .update(old, &new, version, evolve.sink)
+                    .await
+                    .map(|()| true),
                 None => Ok(false),
             }
         }

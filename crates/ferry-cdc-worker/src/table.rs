@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use ferry_clickhouse::sink::Sink;
 use ferry_clickhouse::transcode::RowTranscoder;
-use ferry_clickhouse::types::{MappingOptions, column_type};
+use ferry_clickhouse::types::{MappingOptions, ValueKind, column_type, value_kind};
 use ferry_postgres::pgoutput::{OldTuple, RelationColumn, Tuple, Value};
 use ferry_postgres::schema::describe_table;
 use ferry_proto::v1::{ColumnSchema, TableSchema, TableState};
@@ -175,18 +175,19 @@ impl TableBatch {
     }
 
     pub(crate) fn insert(&mut self, new: &Tuple<'_>, version: u64) -> Result<(), StreamError> {
-        let values = self.resolve(&self.mapped(new), None)?;
+        let values = self.resolve(&self.mapped(new), None, None)?;
         self.transcoder
             .write_text_filled(values, version, &mut self.body)?;
         self.rows += 1;
         Ok(())
     }
 
-    pub(crate) fn update(
+    pub(crate) async fn update(
         &mut self,
         old: Option<OldTuple<'_>>,
         new: &Tuple<'_>,
         version: u64,
+        sink: &Sink,
     ) -> Result<(), StreamError> {
         let new = self.mapped(new);
         let old_full = match old {
@@ -200,7 +201,7 @@ impl TableBatch {
             Some(OldTuple::Full(_)) => old_full.clone().filter(|row| self.key_changed(row, &new)),
             None => None,
         };
-        if let Some(key) = old_key {
+        if let Some(key) = &old_key {
             self.transcoder.write_text_delete(
                 key.iter().map(|v| text(*v)),
                 version,
@@ -208,11 +209,77 @@ impl TableBatch {
             )?;
             self.rows += 1;
         }
-        let values = self.resolve(&new, old_full.as_deref())?;
+        // Unchanged TOAST values are not sent: take them from the full old row, or else from
+        // the row's latest version in ClickHouse.
+        let backfill = if old_full.is_none() && new.contains(&Value::Unchanged) {
+            Some(self.previous_values(&new, sink).await?)
+        } else {
+            None
+        };
+        let values = self.resolve(&new, old_full.as_deref(), backfill.as_ref())?;
         self.transcoder
             .write_text_filled(values, version, &mut self.body)?;
         self.rows += 1;
         Ok(())
+    }
+
+    /// The latest values in ClickHouse of the columns `new` leaves unchanged, by column.
+    async fn previous_values(
+        &mut self,
+        new: &[Value<'_>],
+        sink: &Sink,
+    ) -> Result<Vec<Option<Option<String>>>, StreamError> {
+        let unchanged = |table: &str, column: &ColumnSchema| StreamError::UnchangedToast {
+            table: table.to_owned(),
+            column: column.name.clone(),
+        };
+        // Rows buffered for this table may hold the latest version: write them first.
+        self.write(sink).await?;
+        let mut key = Vec::new();
+        for (column, value) in self.schema.columns.iter().zip(new) {
+            if column.key_position == 0 {
+                continue;
+            }
+            let kind = value_kind(column, MappingOptions::default());
+            // Keys are compared as text: only kinds whose ClickHouse text is Postgres's.
+            let comparable = matches!(
+                kind,
+                ValueKind::Int(_)
+                    | ValueKind::UInt32
+                    | ValueKind::Text
+                    | ValueKind::Enum
+                    | ValueKind::Uuid
+            );
+            match value {
+                Value::Text(bytes) if comparable => {
+                    key.push((
+                        column.name.clone(),
+                        String::from_utf8_lossy(bytes).into_owned(),
+                    ));
+                }
+                _ => return Err(unchanged(&self.source_table, column)),
+            }
+        }
+        let wanted: Vec<usize> = (0..new.len())
+            .filter(|i| new[*i] == Value::Unchanged)
+            .collect();
+        let first = &self.schema.columns[wanted.first().copied().unwrap_or(0)];
+        if key.is_empty() {
+            return Err(unchanged(&self.source_table, first));
+        }
+        let expressions: Vec<String> = wanted
+            .iter()
+            .map(|i| postgres_text_of(&self.schema.columns[*i]))
+            .collect();
+        let row = sink
+            .latest_row(&self.name, &expressions, &key)
+            .await?
+            .ok_or_else(|| unchanged(&self.source_table, first))?;
+        let mut values = vec![None; new.len()];
+        for (i, value) in wanted.into_iter().zip(row) {
+            values[i] = Some(value);
+        }
+        Ok(values)
     }
 
     pub(crate) fn delete(&mut self, old: OldTuple<'_>, version: u64) -> Result<(), StreamError> {
@@ -249,30 +316,52 @@ impl TableBatch {
             .any(|(_, (a, b))| *b != Value::Unchanged && a != b)
     }
 
-    /// The row's values, unchanged TOAST values taken from the full old row when there is one.
+    /// The row's values; unchanged TOAST values come from the full old row when there is one,
+    /// else from `backfill` (values read back from ClickHouse, by column).
     fn resolve<'a>(
         &self,
         new: &[Value<'a>],
         old: Option<&[Value<'a>]>,
+        backfill: Option<&'a Vec<Option<Option<String>>>>,
     ) -> Result<Vec<Option<&'a [u8]>>, StreamError> {
         new.iter()
             .enumerate()
             .map(|(i, value)| match value {
-                Value::Unchanged => match old.and_then(|o| o.get(i)) {
-                    Some(previous @ (Value::Text(_) | Value::Binary(_))) => Ok(text(*previous)),
-                    _ => Err(StreamError::UnchangedToast {
-                        table: self.source_table.clone(),
-                        column: self
-                            .schema
-                            .columns
-                            .get(i)
-                            .map_or_else(|| format!("#{i}"), |c| c.name.clone()),
-                    }),
-                },
+                Value::Unchanged => {
+                    match (old.and_then(|o| o.get(i)), backfill.and_then(|b| b.get(i))) {
+                        (Some(previous @ (Value::Text(_) | Value::Binary(_))), _) => {
+                            Ok(text(*previous))
+                        }
+                        (_, Some(Some(previous))) => Ok(previous.as_deref().map(str::as_bytes)),
+                        _ => Err(StreamError::UnchangedToast {
+                            table: self.source_table.clone(),
+                            column: self
+                                .schema
+                                .columns
+                                .get(i)
+                                .map_or_else(|| format!("#{i}"), |c| c.name.clone()),
+                        }),
+                    }
+                }
                 other => Ok(text(*other)),
             })
             .collect()
     }
+}
+
+/// A ClickHouse expression giving the column's value as Postgres prints it (what the text
+/// transcoder reads): bytea as hex after a backslash-x, arrays as `{…}` literals with quoted
+/// elements, the rest as its string.
+fn postgres_text_of(column: &ColumnSchema) -> String {
+    let name = ferry_clickhouse::ddl::Ident(&column.name).to_string();
+    let expression = match value_kind(column, MappingOptions::default()) {
+        ValueKind::Bytes => format!(r"concat('\\x', lower(hex({name})))"),
+        ValueKind::Array(_) => format!(
+            r#"concat('{{', arrayStringConcat(arrayMap(x -> if(isNull(x), 'NULL', concat('"', replaceAll(replaceAll(toString(x), '\\', '\\\\'), '"', '\\"'), '"')), {name}), ','), '}}')"#
+        ),
+        _ => format!("toString({name})"),
+    };
+    format!("toNullable({expression})")
 }
 
 fn text(value: Value<'_>) -> Option<&[u8]> {

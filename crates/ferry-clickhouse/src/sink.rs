@@ -242,6 +242,37 @@ impl Sink {
         self.execute("ADD COLUMN", &sql).await
     }
 
+    /// The latest live version of the row whose key columns print as `key` (name, text), as
+    /// the strings `columns` (expressions) give, or `None` if there is no such row.
+    pub async fn latest_row(
+        &self,
+        table: &str,
+        columns: &[String],
+        key: &[(String, String)],
+    ) -> Result<Option<Vec<Option<String>>>, SinkError> {
+        let filter: Vec<String> = key
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| format!("toString({}) = {{k{i}:String}}", Ident(name)))
+            .collect();
+        let sql = format!(
+            "SELECT [{}] FROM {}.{} FINAL WHERE {} AND {} = 0 LIMIT 1",
+            columns.join(", "),
+            Ident(&self.database),
+            Ident(table),
+            filter.join(" AND "),
+            Ident(ddl::IS_DELETED_COLUMN)
+        );
+        let mut query = self.client.query(&sql);
+        for (i, (_, value)) in key.iter().enumerate() {
+            query = query.param(&format!("k{i}"), value.as_str());
+        }
+        query
+            .fetch_optional::<Vec<Option<String>>>()
+            .await
+            .map_err(|e| self.classify("row lookup", e))
+    }
+
     /// Empties `table` (a replicated TRUNCATE).
     pub async fn truncate(&self, table: &str) -> Result<(), SinkError> {
         let sql = format!("TRUNCATE TABLE {}.{}", Ident(&self.database), Ident(table));
