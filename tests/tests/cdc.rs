@@ -154,6 +154,29 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
     converge(&db, &clickhouse, "items").await;
     converge(&db, &clickhouse, "wide").await;
 
+    // The status shows the stream: checkpoint, lag, per-table counters.
+    let status = client
+        .get_pipe(GetPipeRequest {
+            name: "live".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipe
+        .unwrap()
+        .status
+        .unwrap();
+    let replication = status.replication.expect("replication status");
+    assert_eq!(replication.worker_id, "d1");
+    assert!(replication.checkpoint_lsn > 0 && replication.last_batch_at.is_some());
+    let items = status
+        .tables
+        .iter()
+        .find(|t| t.source_table == "public.items")
+        .unwrap();
+    assert!(items.inserted >= 501, "{items:?}");
+    assert!(items.updated >= 100 && items.deleted >= 200, "{items:?}");
+
     // TRUNCATE lands in order with what follows it.
     db.batch_execute("TRUNCATE items").await.unwrap();
     db.batch_execute("INSERT INTO items VALUES (1, 'after truncate', NULL)")

@@ -21,7 +21,7 @@ use ferry_core::spec::{DEFAULT_PULL_BATCH_SIZE, DEFAULT_SYNC_INTERVAL_SECS, sour
 use ferry_postgres::SourceError;
 use ferry_postgres::connection::{self, SESSION_OPTIONS};
 use ferry_postgres::pgoutput::{self, DecodeError, Message};
-use ferry_proto::v1::{Checkpoint, SslMode};
+use ferry_proto::v1::{Checkpoint, ReplicationStatus, SslMode};
 use ferry_server::membership::Member;
 use ferry_server::worker::WorkerContext;
 use ferry_store::cdc::CdcClaim;
@@ -178,6 +178,15 @@ pub async fn run(
                 &sink,
                 options,
             );
+            let mut batch = batch;
+            // Counters continue where the last stream of this pipe left them.
+            if let Some(previous) = record
+                .replication
+                .as_ref()
+                .and_then(|r| r.tables.get(&table))
+            {
+                batch.changes = *previous;
+            }
             tables.insert(table, batch);
         }
     }
@@ -190,7 +199,7 @@ pub async fn run(
     );
 
     let start = ctx.store.checkpoint(name).await?.map_or(0, |c| c.lsn);
-    let slot = if source.slot_name.is_empty() {
+    let slot_name = if source.slot_name.is_empty() {
         default_slot_and_publication(name)
     } else {
         source.slot_name.clone()
@@ -205,7 +214,7 @@ pub async fn run(
         &source.user,
         &secrets.source_password,
         &source.database,
-        slot,
+        slot_name.clone(),
         publication,
     )
     .with_port(u16::try_from(source.port).unwrap_or(5432))
@@ -228,10 +237,16 @@ pub async fn run(
     let mut first_change: Option<Instant> = None;
     let mut in_transaction = false;
     let mut last_commit = start;
+    let mut progress = Progress {
+        lsn: start,
+        commit_time_micros: 0,
+        slot: slot_name.clone(),
+        source: &heartbeats,
+    };
     let mut stopping = false;
     loop {
         if stopping && !in_transaction {
-            flush(ctx, &sink, &mut tables, claim, last_commit, &client).await?;
+            flush(ctx, &sink, &mut tables, claim, &progress, &client).await?;
             client.stop();
             info!(pipe = %name, lsn = %pgoutput::Lsn(last_commit), "stream stopped at a checkpoint");
             return Ok(());
@@ -240,7 +255,7 @@ pub async fn run(
         let event = tokio::select! {
             event = client.recv() => event?,
             () = sleep_until(deadline), if deadline.is_some() && !in_transaction => {
-                flush(ctx, &sink, &mut tables, claim, last_commit, &client).await?;
+                flush(ctx, &sink, &mut tables, claim, &progress, &client).await?;
                 pending = 0;
                 first_change = None;
                 continue;
@@ -286,12 +301,18 @@ pub async fn run(
                     write_rows(&sink, &mut tables).await?;
                 }
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
                 in_transaction = false;
                 last_commit = end_lsn.as_u64();
+                progress.lsn = last_commit;
+                progress.commit_time_micros = commit_time_micros;
                 let due = first_change.is_some_and(|t| t.elapsed() >= interval);
                 if pending >= batch_limit || (pending > 0 && due) {
-                    flush(ctx, &sink, &mut tables, claim, last_commit, &client).await?;
+                    flush(ctx, &sink, &mut tables, claim, &progress, &client).await?;
                     pending = 0;
                     first_change = None;
                 } else if pending == 0 {
@@ -390,19 +411,34 @@ async fn write_rows(
     Ok(rows)
 }
 
-/// Writes every pending batch, then the checkpoint, then acknowledges the slot.
+/// Where the stream is: what the next checkpoint is and what to report about it.
+struct Progress<'a> {
+    /// End LSN of the last transaction received.
+    lsn: u64,
+    /// Its commit time, microseconds since 2000-01-01.
+    commit_time_micros: i64,
+    slot: String,
+    source: &'a tokio_postgres::Client,
+}
+
+/// Microseconds between 1970-01-01 and 2000-01-01.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// Writes every pending batch, then the checkpoint, then acknowledges the slot, then reports.
 async fn flush(
     ctx: &WorkerContext,
     sink: &Sink,
     tables: &mut HashMap<String, TableBatch>,
     claim: &CdcClaim,
-    lsn: u64,
+    progress: &Progress<'_>,
     client: &ReplicationClient,
 ) -> Result<(), StreamError> {
+    let lsn = progress.lsn;
     let rows = write_rows(sink, tables).await?;
+    let now = SystemTime::now();
     let checkpoint = Checkpoint {
         lsn,
-        written_at: Some(SystemTime::now().into()),
+        written_at: Some(now.into()),
         worker_id: ctx.worker_id.clone(),
     };
     if !ctx.store.put_checkpoint(claim, &checkpoint).await? {
@@ -410,5 +446,44 @@ async fn flush(
     }
     client.update_applied_lsn(Lsn::from_u64(lsn));
     debug!(rows, lsn = %pgoutput::Lsn(lsn), "batch written and checkpointed");
+
+    // The report is best effort: a failure here must not stop replication.
+    let wal = progress
+        .source
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - $1::text::pg_lsn)::int8, \
+                    (pg_current_wal_lsn() - restart_lsn)::int8 \
+             FROM pg_replication_slots WHERE slot_name = $2",
+            &[&pgoutput::Lsn(lsn).to_string(), &progress.slot],
+        )
+        .await
+        .ok()
+        .flatten();
+    let (lag_bytes, retained) =
+        wal.map_or((0, 0), |row| (row.get::<_, i64>(0), row.get::<_, i64>(1)));
+    let now_micros = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+    let lag_seconds = if progress.commit_time_micros == 0 {
+        0.0
+    } else {
+        (now_micros - (progress.commit_time_micros + PG_EPOCH_MICROS)).max(0) as f64 / 1e6
+    };
+    let report = ReplicationStatus {
+        checkpoint_lsn: lsn,
+        last_batch_at: Some(now.into()),
+        last_batch_rows: rows,
+        lag_bytes: u64::try_from(lag_bytes).unwrap_or(0),
+        lag_seconds,
+        slot_retained_bytes: u64::try_from(retained).unwrap_or(0),
+        worker_id: ctx.worker_id.clone(),
+        tables: tables
+            .values()
+            .map(|b| (b.source_table().to_owned(), b.changes))
+            .collect(),
+    };
+    if let Err(error) = ctx.store.put_replication_status(claim, &report).await {
+        debug!(%error, "cannot publish replication progress");
+    }
     Ok(())
 }

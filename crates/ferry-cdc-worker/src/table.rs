@@ -11,7 +11,7 @@ use ferry_clickhouse::transcode::RowTranscoder;
 use ferry_clickhouse::types::{MappingOptions, ValueKind, column_type, value_kind};
 use ferry_postgres::pgoutput::{OldTuple, RelationColumn, Tuple, Value};
 use ferry_postgres::schema::describe_table;
-use ferry_proto::v1::{ColumnSchema, TableSchema, TableState};
+use ferry_proto::v1::{ColumnSchema, TableChanges, TableSchema, TableState};
 use ferry_store::Store;
 use ferry_store::cdc::CdcClaim;
 use tracing::info;
@@ -43,6 +43,8 @@ pub(crate) struct TableBatch {
     pub(crate) statement: String,
     pub(crate) body: Vec<u8>,
     pub(crate) rows: u64,
+    /// Changes replicated, cumulative across streams of the pipe.
+    pub(crate) changes: TableChanges,
 }
 
 impl TableBatch {
@@ -69,7 +71,13 @@ impl TableBatch {
             streamed,
             body: Vec::new(),
             rows: 0,
+            changes: TableChanges::default(),
         }
+    }
+
+    /// schema.table in the source.
+    pub(crate) fn source_table(&self) -> &str {
+        &self.source_table
     }
 
     /// Takes in a Relation message: the same columns as before, or a schema change to apply.
@@ -179,6 +187,7 @@ impl TableBatch {
         self.transcoder
             .write_text_filled(values, version, &mut self.body)?;
         self.rows += 1;
+        self.changes.inserted += 1;
         Ok(())
     }
 
@@ -220,6 +229,7 @@ impl TableBatch {
         self.transcoder
             .write_text_filled(values, version, &mut self.body)?;
         self.rows += 1;
+        self.changes.updated += 1;
         Ok(())
     }
 
@@ -291,6 +301,7 @@ impl TableBatch {
             &mut self.body,
         )?;
         self.rows += 1;
+        self.changes.deleted += 1;
         Ok(())
     }
 

@@ -65,6 +65,28 @@ pub fn pipe(pipe: Option<&Pipe>) {
             settings.snapshot_parallel_tables.unwrap_or_default(),
         );
     }
+    if let Some(r) = &status.replication {
+        println!(
+            "stream    checkpoint {:X}/{:X}, lag {} bytes / {:.1} s, slot retains {} bytes, worker {}",
+            r.checkpoint_lsn >> 32,
+            r.checkpoint_lsn & 0xffff_ffff,
+            r.lag_bytes,
+            r.lag_seconds,
+            r.slot_retained_bytes,
+            r.worker_id
+        );
+        println!(
+            "batch     {} rows at {}",
+            r.last_batch_rows,
+            when(r.last_batch_at.as_ref())
+        );
+        for table in &status.tables {
+            println!(
+                "changes   {}: {} inserted, {} updated, {} deleted",
+                table.source_table, table.inserted, table.updated, table.deleted
+            );
+        }
+    }
     if let Some(error) = &status.error {
         println!("error     {}", error.message);
         println!("remedy    {}", error.remedy);

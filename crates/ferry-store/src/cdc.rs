@@ -5,7 +5,7 @@
 //! stands, so a worker that lost its lease (and may have been replaced) cannot move it.
 
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
-use ferry_proto::v1::{Checkpoint, PipeError, TableState};
+use ferry_proto::v1::{Checkpoint, PipeError, ReplicationStatus, TableState};
 use prost::Message as _;
 
 use crate::{Session, Store, StoreError};
@@ -146,6 +146,20 @@ impl Store {
             claim,
             self.keys().pipe_table(&claim.pipe, table),
             state.encode_to_vec(),
+        )
+        .await
+    }
+
+    /// Publishes the stream's progress, while `claim` stands.
+    pub async fn put_replication_status(
+        &self,
+        claim: &CdcClaim,
+        status: &ReplicationStatus,
+    ) -> Result<bool, StoreError> {
+        self.put_claimed(
+            claim,
+            self.keys().replication(&claim.pipe),
+            status.encode_to_vec(),
         )
         .await
     }

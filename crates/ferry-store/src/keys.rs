@@ -76,6 +76,11 @@ impl Keys {
         format!("{}resources", self.pipe(pipe))
     }
 
+    /// `pipes/<pipe>/replication`: the CDC worker's last report (ReplicationStatus).
+    pub fn replication(&self, pipe: &str) -> String {
+        format!("{}replication", self.pipe(pipe))
+    }
+
     /// `pipes/<pipe>/stream_error`: a failure the CDC worker cannot get past (PipeError).
     pub fn stream_error(&self, pipe: &str) -> String {
         format!("{}stream_error", self.pipe(pipe))

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
-use ferry_proto::v1::{PipeSpec, PipeStatus, SealedSecrets};
+use ferry_proto::v1::{PipeSpec, PipeStatus, ReplicationStatus, SealedSecrets};
 use prost::Message;
 
 use crate::keys::display_key;
@@ -25,6 +25,8 @@ pub struct PipeRecord {
     pub status: PipeStatus,
     /// `mod_revision` of the status key.
     pub status_revision: i64,
+    /// The CDC worker's last report, once the pipe streams.
+    pub replication: Option<ReplicationStatus>,
 }
 
 /// Pipes read at one etcd revision.
@@ -45,6 +47,7 @@ fn decode<M: Message + Default>(key: &[u8], value: &[u8]) -> Result<M, StoreErro
 struct Partial {
     spec: Option<(PipeSpec, i64)>,
     status: Option<(PipeStatus, i64)>,
+    replication: Option<ReplicationStatus>,
     broken: bool,
 }
 
@@ -60,6 +63,7 @@ impl Partial {
         match rest {
             "spec" => self.spec = Some((decode(key, value)?, revision)),
             "status" => self.status = Some((decode(key, value)?, revision)),
+            "replication" => self.replication = Some(decode(key, value)?),
             _ => {}
         }
         Ok(())
@@ -73,6 +77,7 @@ impl Partial {
             spec_revision,
             status,
             status_revision,
+            replication: self.replication,
         })
     }
 }
@@ -120,6 +125,7 @@ impl Store {
         let txn = Txn::new().and_then([
             TxnOp::get(keys.pipe_spec(pipe), None),
             TxnOp::get(keys.pipe_status(pipe), None),
+            TxnOp::get(keys.replication(pipe), None),
         ]);
         let response = self
             .request(true, |mut c| {
@@ -190,6 +196,7 @@ impl Store {
             spec_revision: revision,
             status: status.clone(),
             status_revision: revision,
+            replication: None,
         })
     }
 

@@ -108,11 +108,22 @@ impl PipeApi {
     }
 }
 
-/// A stored pipe as the API shows it.
+/// A stored pipe as the API shows it: the status with the CDC worker's last report folded in.
 pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
+    let mut status = record.status.clone();
+    if let Some(replication) = &record.replication {
+        for table in &mut status.tables {
+            if let Some(changes) = replication.tables.get(&table.source_table) {
+                table.inserted = changes.inserted;
+                table.updated = changes.updated;
+                table.deleted = changes.deleted;
+            }
+        }
+        status.replication = Some(replication.clone());
+    }
     Pipe {
         spec: Some(record.spec.clone()),
-        status: Some(record.status.clone()),
+        status: Some(status),
         status_revision: record.status_revision,
     }
 }
