@@ -639,3 +639,224 @@ async fn unchanged_toast_values_survive_updates_without_replica_identity_full() 
     );
     assert_eq!(state(&mut client).await, PipeState::Running);
 }
+
+/// A snapshot+CDC pipe under a concurrent workload of every kind: after the workload stops
+/// and the stream catches up, ClickHouse (FINAL, not deleted) equals Postgres exactly.
+#[tokio::test]
+async fn a_concurrent_workload_of_every_kind_converges_exactly() {
+    let pg = Postgres::start().await.unwrap();
+    let ch = ClickHouse::start().await.unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let db = pg.client("postgres").await.unwrap();
+    db.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, note text, big text);
+         ALTER TABLE items ALTER big SET STORAGE EXTERNAL;
+         INSERT INTO items SELECT i, 'item ' || i, CASE WHEN i % 50 = 0 THEN repeat(md5(i::text), 32768) END
+           FROM generate_series(1, 2000) i;
+         CREATE TABLE events (id bigint, at date, note text, big text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+         CREATE TABLE events_a PARTITION OF events FOR VALUES FROM ('2020-01-01') TO ('2025-01-01');
+         CREATE TABLE events_b PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2030-01-01');
+         INSERT INTO events SELECT i, '2024-06-01'::date + (i % 400), 'event ' || i, NULL FROM generate_series(1, 1000) i;",
+    )
+    .await
+    .unwrap();
+    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
+    let coordinator = ferry.coordinator("c1").unwrap();
+    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
+    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
+    coordinator.wait_serving(WITHIN).await.unwrap();
+    let mut client = coordinator.pipe_client().await.unwrap();
+    let spec = PipeSpec {
+        name: "live".into(),
+        source: Some(PostgresSource {
+            host: "127.0.0.1".into(),
+            port: u32::from(pg.port()),
+            database: "postgres".into(),
+            user: "postgres".into(),
+            ..Default::default()
+        }),
+        destination: Some(ClickHouseDestination {
+            url: ch.url(),
+            database: "dest".into(),
+            ..Default::default()
+        }),
+        tables: ["items", "events"]
+            .into_iter()
+            .map(|t| TableMapping {
+                source_table: t.into(),
+                ..Default::default()
+            })
+            .collect(),
+        mode: PipeMode::SnapshotAndCdc.into(),
+        settings: Some(PipeSettings {
+            sync_interval: Some(ProtoDuration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            pull_batch_size: Some(500),
+            ..Default::default()
+        }),
+    };
+    client
+        .create_pipe(CreatePipeRequest {
+            spec: Some(spec),
+            secrets: None,
+        })
+        .await
+        .unwrap();
+    // The workload starts once the slot exists (the snapshot may still run): CDC carries it.
+    let past_setup = wait::until(WITHIN, || {
+        let mut client = client.clone();
+        async move {
+            matches!(
+                state(&mut client).await,
+                PipeState::Snapshot | PipeState::Running
+            )
+            .then_some(())
+        }
+    })
+    .await;
+    assert!(past_setup.is_some());
+    let writer = pg.client("postgres").await.unwrap();
+    let workload = tokio::spawn(async move {
+        for round in 0..60i64 {
+            let base = 10_000 + round * 10;
+            let statements = [
+                format!(
+                    "INSERT INTO items SELECT i, 'new ' || i, NULL FROM generate_series({base}, {base} + 9) i"
+                ),
+                format!(
+                    "UPDATE items SET note = note || '.' WHERE id % 37 = {}",
+                    round % 37
+                ),
+                format!("DELETE FROM items WHERE id = {}", 100 + round * 3),
+                // A primary-key change.
+                format!(
+                    "UPDATE items SET id = id + 1000000 WHERE id = {}",
+                    200 + round
+                ),
+                // Other columns of rows holding 1 MB TOASTed values.
+                format!(
+                    "UPDATE items SET note = 'toast row ' || {round} WHERE id = {}",
+                    50 * (1 + round % 40)
+                ),
+                format!(
+                    "INSERT INTO events VALUES ({}, '2026-01-01'::date + {round}, 'new', NULL)",
+                    5000 + round
+                ),
+                format!("UPDATE events SET note = 'moved' WHERE id = {}", 1 + round),
+                format!("DELETE FROM events WHERE id = {}", 500 + round),
+            ];
+            for statement in statements {
+                writer.batch_execute(&statement).await.unwrap();
+            }
+            if round == 20 {
+                writer
+                    .batch_execute("ALTER TABLE items ADD COLUMN extra integer DEFAULT 0")
+                    .await
+                    .unwrap();
+            }
+            if round >= 20 {
+                writer
+                    .batch_execute(&format!(
+                        "UPDATE items SET extra = {round} WHERE id = {}",
+                        base
+                    ))
+                    .await
+                    .unwrap();
+            }
+            if round == 40 {
+                writer.batch_execute("TRUNCATE events").await.unwrap();
+            }
+        }
+    });
+    workload.await.unwrap();
+
+    let running = wait::until(WITHIN, || {
+        let mut client = client.clone();
+        async move { (state(&mut client).await == PipeState::Running).then_some(()) }
+    })
+    .await;
+    assert!(running.is_some(), "the pipe never reached running");
+    let clickhouse = Client::default().with_url(ch.url());
+    // Row by row: every live row's id, note, big (as md5) and extra.
+    let pg_rows = "SELECT string_agg(id || ':' || coalesce(note, '') || ':' || coalesce(md5(big), '') \
+                   || ':' || coalesce(extra, 0), '|' ORDER BY id) FROM items";
+    let ch_rows = "SELECT arrayStringConcat(groupArray(line), '|') FROM (SELECT concat(toString(id), ':', \
+                   ifNull(note, ''), ':', if(isNull(big), '', lower(hex(MD5(assumeNotNull(big))))), ':', \
+                   toString(ifNull(extra, 0))) AS line FROM dest.items FINAL WHERE _ferry_is_deleted = 0 ORDER BY id)";
+    let expected: String = db.query_one(pg_rows, &[]).await.unwrap().get(0);
+    let matched = wait::until(WITHIN, || async {
+        let got: String = clickhouse.query(ch_rows).fetch_one().await.ok()?;
+        (got == expected).then_some(())
+    })
+    .await;
+    if matched.is_none() {
+        let got: String = clickhouse
+            .query(ch_rows)
+            .fetch_one()
+            .await
+            .unwrap_or_default();
+        let (g, e): (Vec<&str>, Vec<&str>) =
+            (got.split('|').collect(), expected.split('|').collect());
+        let missing: Vec<_> = e.iter().filter(|r| !g.contains(r)).take(5).collect();
+        let extra: Vec<_> = g.iter().filter(|r| !e.contains(r)).take(5).collect();
+        let logs: Vec<String> = ferry
+            .all_logs()
+            .lines()
+            .filter(|l| l.contains("WARN"))
+            .map(str::to_owned)
+            .collect();
+        let error = clickhouse.query(ch_rows).fetch_one::<String>().await.err();
+        let status = client
+            .get_pipe(GetPipeRequest {
+                name: "live".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pipe
+            .unwrap()
+            .status;
+        panic!(
+            "items differ: missing {missing:?}, unexpected {extra:?}\nquery error {error:?}\nstatus {status:?}\n{}",
+            logs.join("\n")
+        );
+    }
+    let pg_events = "SELECT coalesce(string_agg(id || ':' || at || ':' || note, '|' ORDER BY id, at), '') FROM events";
+    let ch_events = "SELECT arrayStringConcat(groupArray(line), '|') FROM (SELECT concat(toString(id), ':', \
+                     toString(at), ':', ifNull(note, '')) AS line FROM dest.events FINAL WHERE _ferry_is_deleted = 0 \
+                     ORDER BY id, at)";
+    let expected: String = db.query_one(pg_events, &[]).await.unwrap().get(0);
+    let matched = wait::until(WITHIN, || async {
+        let got: String = clickhouse.query(ch_events).fetch_one().await.ok()?;
+        (got == expected).then_some(())
+    })
+    .await;
+    assert!(
+        matched.is_some(),
+        "events (partitioned) never matched postgres row for row"
+    );
+    assert_eq!(state(&mut client).await, PipeState::Running);
+    // The changes really went through the stream.
+    let status = client
+        .get_pipe(GetPipeRequest {
+            name: "live".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pipe
+        .unwrap()
+        .status
+        .unwrap();
+    let items = status
+        .tables
+        .iter()
+        .find(|t| t.source_table == "public.items")
+        .unwrap();
+    assert!(
+        items.inserted >= 600 && items.updated > 0 && items.deleted > 0,
+        "{items:?}"
+    );
+}

@@ -14,7 +14,7 @@ use ferry_postgres::schema::describe_table;
 use ferry_proto::v1::{ColumnSchema, TableChanges, TableSchema, TableState};
 use ferry_store::Store;
 use ferry_store::cdc::CdcClaim;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::stream::StreamError;
 
@@ -210,6 +210,14 @@ impl TableBatch {
             Some(OldTuple::Full(_)) => old_full.clone().filter(|row| self.key_changed(row, &new)),
             None => None,
         };
+        // Unchanged TOAST values are not sent: take them from the full old row, or else from
+        // the row's latest version in ClickHouse — under the old key if the key changed, and
+        // before that version is marked deleted below.
+        let backfill = if old_full.is_none() && new.contains(&Value::Unchanged) {
+            Some(self.previous_values(&new, old_key.as_deref(), sink).await?)
+        } else {
+            None
+        };
         if let Some(key) = &old_key {
             self.transcoder.write_text_delete(
                 key.iter().map(|v| text(*v)),
@@ -218,13 +226,6 @@ impl TableBatch {
             )?;
             self.rows += 1;
         }
-        // Unchanged TOAST values are not sent: take them from the full old row, or else from
-        // the row's latest version in ClickHouse.
-        let backfill = if old_full.is_none() && new.contains(&Value::Unchanged) {
-            Some(self.previous_values(&new, sink).await?)
-        } else {
-            None
-        };
         let values = self.resolve(&new, old_full.as_deref(), backfill.as_ref())?;
         self.transcoder
             .write_text_filled(values, version, &mut self.body)?;
@@ -237,6 +238,7 @@ impl TableBatch {
     async fn previous_values(
         &mut self,
         new: &[Value<'_>],
+        old_key: Option<&[Value<'_>]>,
         sink: &Sink,
     ) -> Result<Vec<Option<Option<String>>>, StreamError> {
         let unchanged = |table: &str, column: &ColumnSchema| StreamError::UnchangedToast {
@@ -245,49 +247,44 @@ impl TableBatch {
         };
         // Rows buffered for this table may hold the latest version: write them first.
         self.write(sink).await?;
-        let mut key = Vec::new();
-        for (column, value) in self.schema.columns.iter().zip(new) {
-            if column.key_position == 0 {
-                continue;
-            }
-            let kind = value_kind(column, MappingOptions::default());
-            // Keys are compared as text: only kinds whose ClickHouse text is Postgres's.
-            let comparable = matches!(
-                kind,
-                ValueKind::Int(_)
-                    | ValueKind::UInt32
-                    | ValueKind::Text
-                    | ValueKind::Enum
-                    | ValueKind::Uuid
-            );
-            match value {
-                Value::Text(bytes) if comparable => {
-                    key.push((
-                        column.name.clone(),
-                        String::from_utf8_lossy(bytes).into_owned(),
-                    ));
-                }
-                _ => return Err(unchanged(&self.source_table, column)),
-            }
-        }
         let wanted: Vec<usize> = (0..new.len())
             .filter(|i| new[*i] == Value::Unchanged)
             .collect();
         let first = &self.schema.columns[wanted.first().copied().unwrap_or(0)];
-        if key.is_empty() {
-            return Err(unchanged(&self.source_table, first));
-        }
         let expressions: Vec<String> = wanted
             .iter()
             .map(|i| postgres_text_of(&self.schema.columns[*i]))
             .collect();
-        let row = sink
-            .latest_row(&self.name, &expressions, &key)
-            .await?
-            .ok_or_else(|| unchanged(&self.source_table, first))?;
+        // Look under the old key first (the key changed), then the new one: a change replayed
+        // from before the snapshot may find the snapshot's newer row under the new key.
+        let mut found = None;
+        for values in old_key.into_iter().chain([new]) {
+            let key = self
+                .key_text(values)
+                .ok_or_else(|| unchanged(&self.source_table, first))?;
+            if key.is_empty() {
+                return Err(unchanged(&self.source_table, first));
+            }
+            found = sink.latest_row(&self.name, &expressions, &key).await?;
+            if found.is_some() {
+                break;
+            }
+        }
         let mut values = vec![None; new.len()];
-        for (i, value) in wanted.into_iter().zip(row) {
-            values[i] = Some(value);
+        match found {
+            Some(row) => {
+                for (i, value) in wanted.into_iter().zip(row) {
+                    values[i] = Some(value);
+                }
+            }
+            // Neither version exists: the row was deleted before the snapshot was taken, so a
+            // later change in the stream deletes it again; its unchanged values do not matter.
+            None => {
+                debug!(table = %self.source_table, "row of a replayed update is gone; unchanged values left empty");
+                for i in wanted {
+                    values[i] = Some(None);
+                }
+            }
         }
         Ok(values)
     }
@@ -325,6 +322,35 @@ impl TableBatch {
             .zip(old.iter().zip(new))
             .filter(|(c, _)| keyless || c.key_position > 0)
             .any(|(_, (a, b))| *b != Value::Unchanged && a != b)
+    }
+
+    /// The row key as (column, text), if every key column's ClickHouse text equals its
+    /// Postgres text (integers, text, enum labels, UUIDs).
+    fn key_text(&self, values: &[Value<'_>]) -> Option<Vec<(String, String)>> {
+        let mut key = Vec::new();
+        for (column, value) in self.schema.columns.iter().zip(values) {
+            if column.key_position == 0 {
+                continue;
+            }
+            let comparable = matches!(
+                value_kind(column, MappingOptions::default()),
+                ValueKind::Int(_)
+                    | ValueKind::UInt32
+                    | ValueKind::Text
+                    | ValueKind::Enum
+                    | ValueKind::Uuid
+            );
+            match value {
+                Value::Text(bytes) if comparable => {
+                    key.push((
+                        column.name.clone(),
+                        String::from_utf8_lossy(bytes).into_owned(),
+                    ));
+                }
+                _ => return None,
+            }
+        }
+        Some(key)
     }
 
     /// The row's values; unchanged TOAST values come from the full old row when there is one,

@@ -236,9 +236,20 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
     ctx.store
         .put_resources(&ctx.fence, name, &resources)
         .await?;
+    if !resources.publication.is_empty() {
+        let names: Vec<String> = spec.tables.iter().map(source_table_name).collect();
+        replication::ensure_publication(&source, &resources.publication, &names).await?;
+    }
+    if let Some(slot) = &slot {
+        replication::ensure_slot(&source, slot).await?;
+    }
+    // Describe the tables again now that the slot exists: a column added since the checks
+    // would otherwise be neither in the recorded schema nor announced by the stream.
     sink.create_database().await?;
     let mut states = Vec::with_capacity(tables.len());
-    for (mapping, (table, described)) in spec.tables.iter().zip(tables) {
+    for (mapping, (table, _)) in spec.tables.iter().zip(tables) {
+        let described =
+            schema::describe_table(&source, &mapping.source_schema, &mapping.source_table).await?;
         sink.create_table(&mapping.destination_table, &described, options)
             .await?;
         states.push((
@@ -252,13 +263,6 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
     ctx.store
         .put_table_states(&ctx.fence, name, &states)
         .await?;
-    if !resources.publication.is_empty() {
-        let names: Vec<String> = spec.tables.iter().map(source_table_name).collect();
-        replication::ensure_publication(&source, &resources.publication, &names).await?;
-    }
-    if let Some(slot) = &slot {
-        replication::ensure_slot(&source, slot).await?;
-    }
 
     // 3. Plan the snapshot.
     let mut partitions = Vec::new();
