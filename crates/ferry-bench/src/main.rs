@@ -22,9 +22,26 @@ use ferry_testkit::postgres::Postgres;
 use ferry_testkit::wait;
 use tokio_stream::StreamExt as _;
 
+mod cdc;
+
 /// Ferry benchmarks.
 #[derive(Debug, Parser)]
 #[command(about)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Bench {
+    /// The initial load against raw COPY and a psql | curl pipeline.
+    Snapshot(Args),
+    /// Change data capture against pg_recvlogical, and its latency.
+    Cdc(cdc::CdcArgs),
+}
+
+/// Snapshot benchmark flags.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Rows in the generated table.
     #[arg(long, default_value_t = 5_000_000)]
@@ -56,7 +73,13 @@ struct Run {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    match Cli::parse().bench {
+        Bench::Snapshot(args) => snapshot(args).await,
+        Bench::Cdc(args) => cdc::run(args).await,
+    }
+}
+
+async fn snapshot(args: Args) -> anyhow::Result<()> {
     eprintln!("starting postgres, etcd, clickhouse (chdb) and ferry's services");
     let pg = Postgres::start_with(&[
         "shared_buffers=512MB",
