@@ -99,7 +99,7 @@ export FERRY_ADDR="http://127.0.0.1:$FERRY_COORDINATOR_PORT"
 if ! "$bin/ferry" get demo >/dev/null 2>&1; then
   "$bin/ferry" create demo --table public.orders \
     --source-host 127.0.0.1 --source-port "$FERRY_PG_PORT" --source-database demo --source-user postgres \
-    --clickhouse-url "http://127.0.0.1:$FERRY_CH_PORT" --clickhouse-database demo >/dev/null
+    --clickhouse-url "http://127.0.0.1:$FERRY_CH_PORT" --clickhouse-database demo --sync-interval 5 >/dev/null
 fi
 wait_for "pipe demo's snapshot" 120 sh -c "'$bin/ferry' get demo | grep -qE '^state +(running|completed|failed)'"
 "$bin/ferry" get demo
@@ -121,6 +121,8 @@ Ferry's local stack is running (state and logs in $FERRY_STATE_DIR):
   $bin/ferry watch demo
   $grpcurl -plaintext 127.0.0.1:$FERRY_COORDINATOR_PORT list
 
-The demo pipe copied public.orders into ClickHouse (snapshot); it then waits in 'running'.
-Streaming later changes (CDC) is not in this version yet. Stop everything with deploy/local/down.sh.
+The demo pipe copied public.orders into ClickHouse and now streams its changes (every 5 s):
+  psql -h 127.0.0.1 -p $FERRY_PG_PORT -U postgres demo -c "UPDATE orders SET amount = amount + 1 WHERE id <= 10"
+  curl --data-binary "SELECT id, amount FROM demo.orders FINAL WHERE id <= 10 ORDER BY id" http://127.0.0.1:$FERRY_CH_PORT/
+Stop everything with deploy/local/down.sh.
 EOT

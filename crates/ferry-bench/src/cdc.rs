@@ -337,6 +337,9 @@ async fn null_sink(pg: &Postgres, schema: &TableSchema, end: u64) -> anyhow::Res
                     break;
                 }
             }
+            // Caught up past the end with nothing more to send (what pg_recvlogical's --endpos
+            // also relies on: the WAL after the workload holds no change of ours).
+            ReplicationEvent::KeepAlive { wal_end, .. } if wal_end.as_u64() >= end => break,
             _ => {}
         }
     }
