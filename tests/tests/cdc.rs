@@ -211,11 +211,12 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
     let checkpoint = store.checkpoint("live").await.unwrap().unwrap().lsn;
     assert!(confirmed_flush(&db).await <= checkpoint);
 
-    // ADD COLUMN reaches ClickHouse; DROP COLUMN keeps the ClickHouse column.
+    // ADD COLUMN reaches ClickHouse, rows that predate it with its default; DROP COLUMN keeps
+    // the ClickHouse column.
     for statement in [
-        "ALTER TABLE items ADD COLUMN extra integer",
+        "ALTER TABLE items ADD COLUMN extra integer DEFAULT 4",
         "INSERT INTO items VALUES (2, 'with extra', NULL, 7)",
-        "UPDATE items SET extra = 5 WHERE id = 1",
+        "UPDATE items SET extra = 5 WHERE id = 2",
         "ALTER TABLE items DROP COLUMN big",
         "INSERT INTO items (id, note, extra) VALUES (3, 'after drop', 9)",
     ] {
@@ -352,6 +353,30 @@ async fn a_killed_cdc_worker_is_replaced_and_nothing_is_lost() {
     .await;
     assert!(owned.is_some(), "the doomed worker never took the stream");
 
+    // Throughout, the slot's confirmed position never passes the checkpoint (read in that
+    // order: the checkpoint only grows, so a later read cannot hide a violation).
+    let (stop_sampling, mut sampling_stopped) = tokio::sync::watch::channel(false);
+    let sampler = {
+        let sampler_db = pg.client("postgres").await.unwrap();
+        let store = ferry.store().await.unwrap();
+        tokio::spawn(async move {
+            let mut samples = 0u32;
+            while !*sampling_stopped.borrow_and_update() {
+                let confirmed = confirmed_flush(&sampler_db).await;
+                if let Some(checkpoint) = store.checkpoint("live").await.unwrap() {
+                    assert!(
+                        confirmed <= checkpoint.lsn,
+                        "slot confirmed {confirmed:#x} beyond checkpoint {:#x}",
+                        checkpoint.lsn
+                    );
+                    samples += 1;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(20), sampling_stopped.changed())
+                    .await;
+            }
+            samples
+        })
+    };
     // A bounded write workload runs while the worker is killed and replaced.
     let writer = pg.client("postgres").await.unwrap();
     let workload = tokio::spawn(async move {
@@ -381,6 +406,12 @@ async fn a_killed_cdc_worker_is_replaced_and_nothing_is_lost() {
 
     let clickhouse = Client::default().with_url(ch.url());
     converge(&db, &clickhouse, "items").await;
+    stop_sampling.send_replace(true);
+    let samples = sampler.await.unwrap();
+    assert!(
+        samples > 10,
+        "only {samples} samples of the slot against the checkpoint"
+    );
     let checkpoint = store.checkpoint("live").await.unwrap().unwrap();
     assert_eq!(checkpoint.worker_id, "survivor");
     assert!(confirmed_flush(&db).await <= checkpoint.lsn);

@@ -135,14 +135,17 @@ impl TableBatch {
                 .columns
                 .last()
                 .map_or_else(String::new, |c| c.name.clone());
+            // Rows that existed before the column show Postgres's default for it (its
+            // "missing value"); ClickHouse computes a column default for old rows alike.
+            let ty = column_type(&added, evolve.options);
+            let missing = missing_value(evolve.source, described.relation_oid, &added.name).await?;
+            let ty = match missing.and_then(|text| default_expression(&added, &text, &ty)) {
+                Some(default) => format!("{ty} DEFAULT {default}"),
+                None => ty,
+            };
             evolve
                 .sink
-                .add_column(
-                    &self.name,
-                    &added.name,
-                    &column_type(&added, evolve.options),
-                    &after,
-                )
+                .add_column(&self.name, &added.name, &ty, &after)
                 .await?;
             info!(table = %self.source_table, column = %added.name, "column added");
             self.schema.columns.push(added);
@@ -384,6 +387,48 @@ impl TableBatch {
             })
             .collect()
     }
+}
+
+/// The value rows that predate an added column have for it (`attmissingval`), as text.
+async fn missing_value(
+    source: &tokio_postgres::Client,
+    relation: u32,
+    column: &str,
+) -> Result<Option<String>, StreamError> {
+    let row = source
+        .query_opt(
+            "SELECT (attmissingval::text::text[])[1] FROM pg_attribute \
+             WHERE attrelid = $1 AND attname = $2 AND atthasmissing",
+            &[&relation, &column],
+        )
+        .await
+        .map_err(|source| ferry_postgres::SourceError::Query {
+            what: "missing value",
+            source,
+        })?;
+    Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
+}
+
+/// A ClickHouse DEFAULT expression for the Postgres text `text` of a `column` of type `ty`,
+/// for the kinds whose text ClickHouse parses the same way; `None` for others.
+fn default_expression(column: &ColumnSchema, text: &str, ty: &str) -> Option<String> {
+    let quoted = format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"));
+    let value = match value_kind(column, MappingOptions::default()) {
+        ValueKind::Int(_) | ValueKind::UInt32 | ValueKind::Float(_) | ValueKind::Decimal { .. } => {
+            quoted
+        }
+        ValueKind::Text | ValueKind::Enum => quoted,
+        ValueKind::Bool => match text {
+            "t" | "true" => "true".into(),
+            "f" | "false" => "false".into(),
+            _ => return None,
+        },
+        ValueKind::Uuid => format!("toUUID({quoted})"),
+        ValueKind::Date => format!("toDate32({quoted})"),
+        ValueKind::Timestamp { .. } => format!("parseDateTime64BestEffort({quoted}, 6, 'UTC')"),
+        ValueKind::Bytes | ValueKind::Array(_) => return None,
+    };
+    Some(format!("CAST({value} AS {ty})"))
 }
 
 /// A ClickHouse expression giving the column's value as Postgres prints it (what the text
