@@ -200,7 +200,8 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
 
     // An idle database: heartbeats (every sync interval, 1 s here) still move the slot.
     let idle_from = confirmed_flush(&db).await;
-    let moved = wait::until(Duration::from_secs(10), || async {
+    // Two heartbeat intervals (1 s each), plus one status report (1 s) and a margin.
+    let moved = wait::until(Duration::from_secs(5), || async {
         (confirmed_flush(&db).await > idle_from).then_some(())
     })
     .await;
