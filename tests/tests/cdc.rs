@@ -42,6 +42,40 @@ async fn ch_digest(ch: &Client, table: &str) -> Option<(i64, String, i64, i64)> 
     .ok()
 }
 
+/// The spec of the pipe "live": `tables` of the test's Postgres into database `dest`.
+fn live_spec(
+    pg: &Postgres,
+    ch: &ClickHouse,
+    tables: &[&str],
+    mode: PipeMode,
+    settings: PipeSettings,
+) -> PipeSpec {
+    PipeSpec {
+        name: "live".into(),
+        source: Some(PostgresSource {
+            host: "127.0.0.1".into(),
+            port: u32::from(pg.port()),
+            database: "postgres".into(),
+            user: "postgres".into(),
+            ..Default::default()
+        }),
+        destination: Some(ClickHouseDestination {
+            url: ch.url(),
+            database: "dest".into(),
+            ..Default::default()
+        }),
+        tables: tables
+            .iter()
+            .map(|t| TableMapping {
+                source_table: (*t).into(),
+                ..Default::default()
+            })
+            .collect(),
+        mode: mode.into(),
+        settings: Some(settings),
+    }
+}
+
 async fn converge(db: &tokio_postgres::Client, ch: &Client, table: &str) {
     let expected = pg_digest(db, table).await;
     let reached = wait::until(WITHIN, || async {
@@ -79,36 +113,19 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
     let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
     coordinator.wait_serving(WITHIN).await.unwrap();
     let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = PipeSpec {
-        name: "live".into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "dest".into(),
-            ..Default::default()
-        }),
-        tables: ["items", "wide"]
-            .into_iter()
-            .map(|t| TableMapping {
-                source_table: t.into(),
-                ..Default::default()
-            })
-            .collect(),
-        mode: PipeMode::SnapshotAndCdc.into(),
-        settings: Some(PipeSettings {
+    let spec = live_spec(
+        &pg,
+        &ch,
+        &["items", "wide"],
+        PipeMode::SnapshotAndCdc,
+        PipeSettings {
             sync_interval: Some(ProtoDuration {
                 seconds: 1,
                 nanos: 0,
             }),
             ..Default::default()
-        }),
-    };
+        },
+    );
     client
         .create_pipe(CreatePipeRequest {
             spec: Some(spec),
@@ -311,34 +328,20 @@ async fn a_killed_cdc_worker_is_replaced_and_nothing_is_lost() {
     let mut doomed = ferry.worker(WorkerKind::Cdc, "doomed").unwrap();
     coordinator.wait_serving(WITHIN).await.unwrap();
     let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = PipeSpec {
-        name: "live".into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "dest".into(),
-            ..Default::default()
-        }),
-        tables: vec![TableMapping {
-            source_table: "items".into(),
-            ..Default::default()
-        }],
-        mode: PipeMode::SnapshotAndCdc.into(),
-        settings: Some(PipeSettings {
+    let spec = live_spec(
+        &pg,
+        &ch,
+        &["items"],
+        PipeMode::SnapshotAndCdc,
+        PipeSettings {
             sync_interval: Some(ProtoDuration {
                 seconds: 1,
                 nanos: 0,
             }),
             pull_batch_size: Some(50),
             ..Default::default()
-        }),
-    };
+        },
+    );
     client
         .create_pipe(CreatePipeRequest {
             spec: Some(spec),
@@ -450,33 +453,19 @@ async fn pause_stops_the_stream_at_a_checkpoint_and_resume_catches_up() {
     let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
     coordinator.wait_serving(WITHIN).await.unwrap();
     let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = PipeSpec {
-        name: "live".into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "dest".into(),
-            ..Default::default()
-        }),
-        tables: vec![TableMapping {
-            source_table: "items".into(),
-            ..Default::default()
-        }],
-        mode: PipeMode::CdcOnly.into(),
-        settings: Some(PipeSettings {
+    let spec = live_spec(
+        &pg,
+        &ch,
+        &["items"],
+        PipeMode::CdcOnly,
+        PipeSettings {
             sync_interval: Some(ProtoDuration {
                 seconds: 1,
                 nanos: 0,
             }),
             ..Default::default()
-        }),
-    };
+        },
+    );
     client
         .create_pipe(CreatePipeRequest {
             spec: Some(spec),
@@ -584,33 +573,19 @@ async fn unchanged_toast_values_survive_updates_without_replica_identity_full() 
     let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
     coordinator.wait_serving(WITHIN).await.unwrap();
     let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = PipeSpec {
-        name: "live".into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "dest".into(),
-            ..Default::default()
-        }),
-        tables: vec![TableMapping {
-            source_table: "docs".into(),
-            ..Default::default()
-        }],
-        mode: PipeMode::SnapshotAndCdc.into(),
-        settings: Some(PipeSettings {
+    let spec = live_spec(
+        &pg,
+        &ch,
+        &["docs"],
+        PipeMode::SnapshotAndCdc,
+        PipeSettings {
             sync_interval: Some(ProtoDuration {
                 seconds: 1,
                 nanos: 0,
             }),
             ..Default::default()
-        }),
-    };
+        },
+    );
     client
         .create_pipe(CreatePipeRequest {
             spec: Some(spec),
@@ -698,37 +673,20 @@ async fn a_concurrent_workload_of_every_kind_converges_exactly() {
     let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
     coordinator.wait_serving(WITHIN).await.unwrap();
     let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = PipeSpec {
-        name: "live".into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "dest".into(),
-            ..Default::default()
-        }),
-        tables: ["items", "events"]
-            .into_iter()
-            .map(|t| TableMapping {
-                source_table: t.into(),
-                ..Default::default()
-            })
-            .collect(),
-        mode: PipeMode::SnapshotAndCdc.into(),
-        settings: Some(PipeSettings {
+    let spec = live_spec(
+        &pg,
+        &ch,
+        &["items", "events"],
+        PipeMode::SnapshotAndCdc,
+        PipeSettings {
             sync_interval: Some(ProtoDuration {
                 seconds: 1,
                 nanos: 0,
             }),
             pull_batch_size: Some(500),
             ..Default::default()
-        }),
-    };
+        },
+    );
     client
         .create_pipe(CreatePipeRequest {
             spec: Some(spec),

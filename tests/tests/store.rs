@@ -152,18 +152,18 @@ async fn a_watch_resumes_after_etcd_restarts_without_losing_or_repeating_events(
     assert_eq!(events.len(), 1);
 
     etcd.restart_member(0).await.unwrap();
-    let mut client = store.client();
     // The client reconnects on its own; retry the write until etcd answers again.
-    let mut written = false;
-    for _ in 0..100 {
-        if client.put("/ferry/pipes/w/b", "2", None).await.is_ok() {
-            written = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(written, "etcd did not come back");
-    client.delete("/ferry/pipes/w/a", None).await.unwrap();
+    let written = ferry_testkit::wait::until(Duration::from_secs(10), || {
+        let mut client = store.client();
+        async move { client.put("/ferry/pipes/w/b", "2", None).await.ok() }
+    })
+    .await;
+    assert!(written.is_some(), "etcd did not come back");
+    store
+        .client()
+        .delete("/ferry/pipes/w/a", None)
+        .await
+        .unwrap();
 
     let mut seen = Vec::new();
     while seen.len() < 2 {
