@@ -92,6 +92,15 @@ struct ColumnPlan {
     nullable: bool,
 }
 
+/// How the values of a row arrive.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    /// Binary send format (COPY binary).
+    Binary,
+    /// Text output format; `fill_defaults` writes zero values for absent NOT NULL columns.
+    Text { fill_defaults: bool },
+}
+
 /// Transcodes the rows of one table.
 #[derive(Debug, Clone)]
 pub struct RowTranscoder {
@@ -172,47 +181,13 @@ impl RowTranscoder {
         fill_defaults: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), TranscodeError> {
-        let mut count = 0;
-        let mut values = values.into_iter();
-        for column in &self.columns {
-            let value = values.next().ok_or_else(|| TranscodeError {
-                column: column.name.clone(),
-                problem: "missing from the row".into(),
-            })?;
-            let binary = match value {
-                Some(text) => {
-                    crate::text::to_binary(&column.kind, text, &mut self.scratch).map_err(
-                        |problem| TranscodeError {
-                            column: column.name.clone(),
-                            problem,
-                        },
-                    )?;
-                    Some(self.scratch.as_slice())
-                }
-                None if fill_defaults && !column.nullable => {
-                    write_zero(&column.kind, out);
-                    count += 1;
-                    continue;
-                }
-                None => None,
-            };
-            write_column(column, binary, out, &mut self.adjustments).map_err(|problem| {
-                TranscodeError {
-                    column: column.name.clone(),
-                    problem,
-                }
-            })?;
-            count += 1;
-        }
-        if values.next().is_some() {
-            return Err(TranscodeError {
-                column: format!("#{}", count + 1),
-                problem: format!("row has more than the {count} columns of the table"),
-            });
-        }
-        out.extend_from_slice(&version.to_le_bytes());
-        out.push(u8::from(is_deleted));
-        Ok(())
+        self.write(
+            values,
+            Format::Text { fill_defaults },
+            version,
+            is_deleted,
+            out,
+        )
     }
 
     /// Appends one row: the source values (None = NULL) followed by `_ferry_version` and
@@ -224,19 +199,49 @@ impl RowTranscoder {
         is_deleted: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), TranscodeError> {
+        self.write(values, Format::Binary, version, is_deleted, out)
+    }
+
+    /// The one row loop: each value (binary, or text converted to binary), then the version
+    /// and the delete flag.
+    fn write<'v>(
+        &mut self,
+        values: impl IntoIterator<Item = Option<&'v [u8]>>,
+        format: Format,
+        version: u64,
+        is_deleted: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), TranscodeError> {
         let mut count = 0;
         let mut values = values.into_iter();
         for column in &self.columns {
-            let value = values.next().ok_or_else(|| TranscodeError {
+            let failed = |problem| TranscodeError {
                 column: column.name.clone(),
-                problem: "missing from the row".into(),
-            })?;
-            write_column(column, value, out, &mut self.adjustments).map_err(|problem| {
-                TranscodeError {
-                    column: column.name.clone(),
-                    problem,
+                problem,
+            };
+            let value = values
+                .next()
+                .ok_or_else(|| failed("missing from the row".into()))?;
+            let value = match (format, value) {
+                (Format::Binary, value) => value,
+                (Format::Text { .. }, Some(text)) => {
+                    crate::text::to_binary(&column.kind, text, &mut self.scratch)
+                        .map_err(failed)?;
+                    Some(self.scratch.as_slice())
                 }
-            })?;
+                (
+                    Format::Text {
+                        fill_defaults: true,
+                    },
+                    None,
+                ) if !column.nullable => {
+                    write_zero(&column.kind, out);
+                    count += 1;
+                    continue;
+                }
+                (Format::Text { .. }, None) => None,
+            };
+            write_column(column, value, out, &mut self.adjustments).map_err(failed)?;
             count += 1;
         }
         if values.next().is_some() {

@@ -48,12 +48,7 @@ impl Store {
                 worker,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let response = self
-            .request(false, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let response = self.run_txn(txn, false).await?;
         Ok(response.succeeded().then(|| CdcClaim {
             key,
             pipe: pipe.to_owned(),
@@ -85,11 +80,7 @@ impl Store {
                 claim.lease,
             )])
             .and_then([TxnOp::delete(claim.key.clone(), None)]);
-        self.request(false, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await?;
+        self.run_txn(txn, false).await?;
         Ok(())
     }
 
@@ -126,12 +117,7 @@ impl Store {
                 checkpoint.encode_to_vec(),
                 None,
             )]);
-        let response = self
-            .request(false, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let response = self.run_txn(txn, false).await?;
         Ok(response.succeeded())
     }
 
@@ -207,12 +193,7 @@ impl Store {
                 claim.lease,
             )])
             .and_then([TxnOp::put(key, value, None)]);
-        let response = self
-            .request(false, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let response = self.run_txn(txn, false).await?;
         Ok(response.succeeded())
     }
 }

@@ -102,6 +102,20 @@ impl Store {
         }
     }
 
+    /// Runs a transaction through [`Store::request`]: a guarded write (`idempotent == false`)
+    /// is retried only when it cannot have reached etcd.
+    pub(crate) async fn run_txn(
+        &self,
+        txn: etcd_client::Txn,
+        idempotent: bool,
+    ) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        self.request(idempotent, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
     /// A handle on the underlying client for unary requests (cheap: clones share one channel).
     pub fn client(&self) -> EtcdClient {
         self.client.clone()

@@ -127,12 +127,7 @@ impl Store {
             TxnOp::get(keys.pipe_status(pipe), None),
             TxnOp::get(keys.replication(pipe), None),
         ]);
-        let response = self
-            .request(true, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let response = self.run_txn(txn, true).await?;
         let revision = response.header().map_or(0, |h| h.revision());
         let mut partial = Partial::default();
         for op in response.op_responses() {
@@ -184,7 +179,7 @@ impl Store {
                 TxnOp::put(keys.pipe_secrets(&spec.name), secrets.encode_to_vec(), None),
                 TxnOp::put(keys.pipe_status(&spec.name), status.encode_to_vec(), None),
             ]);
-        let response = self.write(txn).await?;
+        let response = self.run_txn(txn, false).await?;
         if !response.succeeded() {
             return Err(self
                 .why_failed(fence, StoreError::AlreadyExists { key: spec_key })
@@ -252,7 +247,7 @@ impl Store {
                     Some(DeleteOptions::new().with_prefix()),
                 ),
             ]);
-        let response = self.write(txn).await?;
+        let response = self.run_txn(txn, false).await?;
         if response.succeeded() {
             Ok(())
         } else {
@@ -275,22 +270,12 @@ impl Store {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, expected_revision),
             ])
             .and_then([TxnOp::put(key.clone(), value, None)]);
-        let response = self.write(txn).await?;
+        let response = self.run_txn(txn, false).await?;
         if response.succeeded() {
             Ok(response.header().map_or(0, |h| h.revision()))
         } else {
             Err(self.why_failed(fence, StoreError::Conflict { key }).await)
         }
-    }
-
-    /// Runs a guarded write transaction (retried only if it cannot have reached etcd).
-    async fn write(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
-        Ok(self
-            .request(false, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?)
     }
 
     /// Tells a lost leadership apart from the other guard of a failed transaction.

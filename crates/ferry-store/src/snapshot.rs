@@ -88,12 +88,7 @@ impl Store {
                 .map(|(key, value)| TxnOp::put(key.clone(), value.clone(), None))
                 .collect();
             let txn = Txn::new().when([fence.compare()]).and_then(ops);
-            let response = self
-                .request(false, |mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await?;
+            let response = self.run_txn(txn, false).await?;
             if !response.succeeded() {
                 return Err(StoreError::Fenced);
             }
@@ -160,12 +155,7 @@ impl Store {
         }
         for ops in batches {
             let txn = Txn::new().when(guard()).and_then(ops);
-            let response = self
-                .request(false, |mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await?;
+            let response = self.run_txn(txn, false).await?;
             if !response.succeeded() {
                 let stale = StoreError::Conflict {
                     key: status_key.clone(),
@@ -212,11 +202,7 @@ impl Store {
                     partition.encode_to_vec(),
                     None,
                 )]);
-            self.request(false, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+            self.run_txn(txn, false).await?;
         }
         Ok(())
     }
@@ -264,12 +250,7 @@ impl Store {
                 worker,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let response = self
-            .request(false, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let response = self.run_txn(txn, false).await?;
         Ok(response.succeeded().then(|| Claim {
             key,
             partition_key: planned.key.clone(),
@@ -290,12 +271,7 @@ impl Store {
             TxnOp::put(claim.partition_key.clone(), partition.encode_to_vec(), None),
             TxnOp::delete(claim.key.clone(), None),
         ]);
-        let response = self
-            .request(false, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let response = self.run_txn(txn, false).await?;
         Ok(response.succeeded())
     }
 
@@ -325,11 +301,7 @@ impl Store {
             .when(claim.holds())
             .and_then(ops)
             .or_else([TxnOp::txn(just_release)]);
-        self.request(false, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await?;
+        self.run_txn(txn, false).await?;
         Ok(())
     }
 
@@ -338,11 +310,7 @@ impl Store {
         let txn = Txn::new()
             .when([Compare::lease(key.to_owned(), CompareOp::Equal, lease)])
             .and_then([TxnOp::delete(key.to_owned(), None)]);
-        self.request(false, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await?;
+        self.run_txn(txn, false).await?;
         Ok(())
     }
 
@@ -404,12 +372,7 @@ impl Store {
         let txn = Txn::new()
             .when([fence.compare()])
             .and_then([TxnOp::delete(self.keys().exported_snapshot(pipe), None)]);
-        let response = self
-            .request(false, |mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let response = self.run_txn(txn, false).await?;
         if response.succeeded() {
             Ok(())
         } else {
