@@ -307,7 +307,7 @@ async fn null_sink(pg: &Postgres, schema: &TableSchema, end: u64) -> anyhow::Res
             ReplicationEvent::XLogData {
                 wal_start, data, ..
             } => {
-                let version = wal_start.as_u64();
+                let version = u128::from(wal_start.as_u64());
                 match pgoutput::decode(&data)? {
                     Message::Insert { new, .. } | Message::Update { new, .. } => {
                         transcoder.write_text_row(

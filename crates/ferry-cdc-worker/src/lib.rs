@@ -5,6 +5,7 @@
 
 pub mod stream;
 mod table;
+mod toast;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -5,8 +5,10 @@
 //! checkpoint (its last commit's end LSN) is written to etcd under this worker's claim, then
 //! the slot is told that LSN is flushed. A batch closes at a commit, when the pull batch size
 //! is reached or the sync interval has passed since its first change, so a checkpoint never
-//! splits a transaction. Every row carries `_ferry_version` = the LSN of its change: a replay
-//! from the checkpoint rewrites rows with the same versions, which ReplacingMergeTree merges.
+//! splits a transaction. Every row carries a commit-ordered `_ferry_version` (the
+//! transaction's commit LSN, then the row's place in it; see `ferry_clickhouse::version`): a
+//! replay from the checkpoint rewrites rows with the same versions, which ReplacingMergeTree
+//! merges.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -21,6 +23,7 @@ use ferry_core::spec::{DEFAULT_PULL_BATCH_SIZE, DEFAULT_SYNC_INTERVAL_SECS, sour
 use ferry_postgres::SourceError;
 use ferry_postgres::connection::{self, SESSION_OPTIONS};
 use ferry_postgres::pgoutput::{self, DecodeError, Message};
+use ferry_postgres::snapshot::Visibility;
 use ferry_proto::v1::{Checkpoint, ReplicationStatus, SslMode};
 use ferry_server::membership::Member;
 use ferry_server::worker::WorkerContext;
@@ -31,7 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use crate::table::{Evolve, TableBatch};
+use crate::table::{Announced, Position, TableBatch, TableContext};
 
 /// Why a stream stopped.
 #[derive(Debug, thiserror::Error)]
@@ -68,15 +71,39 @@ pub enum StreamError {
         /// What differs.
         detail: String,
     },
-    /// An update left a TOASTed value out and no old row carries it.
+    /// An update left a TOASTed value out and its row cannot be looked up by key.
     #[error(
-        "an update of {table} left TOASTed column {column} out; set REPLICA IDENTITY FULL on the table"
+        "an update of {table} left TOASTed column {column} out, and the table's key cannot be used to look the row up"
     )]
     UnchangedToast {
         /// schema.table.
         table: String,
         /// The column.
         column: String,
+    },
+    /// The replica identity no longer sends what Setup recorded as the row key.
+    #[error("the replica identity of {table} changed: {detail}")]
+    IdentityChanged {
+        /// schema.table.
+        table: String,
+        /// What changed.
+        detail: String,
+        /// The replica identity Setup recorded.
+        restore: String,
+    },
+    /// A NULL arrived for a column that is still NOT NULL at the source.
+    #[error("a NULL arrived for column {column} of {table}, which the source declares NOT NULL")]
+    NullInNotNull {
+        /// schema.table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// A replicated table was dropped and created again: a new relation with its name.
+    #[error("table {table} was dropped and created again at the source")]
+    TableRecreated {
+        /// schema.table.
+        table: String,
     },
     /// TLS is required but not supported here.
     #[error("ssl_mode require is not supported for replication yet")]
@@ -98,6 +125,9 @@ impl StreamError {
             | Self::UnknownRelation(_)
             | Self::SchemaChanged { .. }
             | Self::UnchangedToast { .. }
+            | Self::IdentityChanged { .. }
+            | Self::NullInNotNull { .. }
+            | Self::TableRecreated { .. }
             | Self::TlsUnsupported
             | Self::Secret(_) => true,
             Self::Sink(e) => !e.is_transient(),
@@ -112,12 +142,18 @@ impl StreamError {
     /// What to do about a fatal error.
     pub fn remedy(&self) -> String {
         match self {
-            Self::SchemaChanged { .. } => {
-                "resync the pipe to reload the table with its new definition".into()
+            Self::SchemaChanged { .. } | Self::TableRecreated { .. } => {
+                format!("reload the table with its new definition: {RECREATE}")
             }
             Self::UnchangedToast { table, .. } => {
-                format!("run ALTER TABLE {table} REPLICA IDENTITY FULL; then resync the pipe")
+                format!("run ALTER TABLE {table} REPLICA IDENTITY FULL; then {RECREATE}")
             }
+            Self::IdentityChanged { table, restore, .. } => format!(
+                "run ALTER TABLE {table} REPLICA IDENTITY {restore}; or, to key the table differently, {RECREATE}"
+            ),
+            Self::NullInNotNull { table, column } => format!(
+                "check the column (ALTER TABLE {table} ALTER COLUMN {column} DROP NOT NULL; if NULLs are meant), then {RECREATE}"
+            ),
             Self::TlsUnsupported => "use ssl_mode disable or prefer".into(),
             Self::Secret(_) => {
                 "give every worker the secret key the pipe was created with (--secret-key-file)"
@@ -131,11 +167,18 @@ impl StreamError {
     /// The table concerned, if any.
     pub fn table(&self) -> Option<&str> {
         match self {
-            Self::SchemaChanged { table, .. } | Self::UnchangedToast { table, .. } => Some(table),
+            Self::SchemaChanged { table, .. }
+            | Self::UnchangedToast { table, .. }
+            | Self::IdentityChanged { table, .. }
+            | Self::NullInNotNull { table, .. }
+            | Self::TableRecreated { table } => Some(table),
             _ => None,
         }
     }
 }
+
+/// How a table failed by the stream gets going again while resync is not available.
+const RECREATE: &str = "recreate the pipe (ferry delete <pipe>, then ferry create with the same spec; its destination tables must be emptied or dropped first)";
 
 /// Most bytes of rows buffered before they are written, even inside a transaction: bounds the
 /// worker's memory whatever the transaction size or the batch settings.
@@ -167,27 +210,28 @@ pub async fn run(
     );
     let options = MappingOptions::default();
     let states: HashMap<String, _> = ctx.store.table_states(name).await?.into_iter().collect();
-    let mut tables: HashMap<String, TableBatch> = HashMap::new();
+    let snapshots = copied_under(&ctx.store, name).await?;
+    let mut tables: HashMap<u32, TableBatch> = HashMap::new();
     for mapping in &spec.tables {
         let table = source_table_name(mapping);
         if let Some(schema) = states.get(&table).and_then(|s| s.schema.clone()) {
-            let batch = TableBatch::new(
+            let mut batch = TableBatch::new(
                 table.clone(),
                 mapping.destination_table.clone(),
                 schema,
+                snapshots.get(&table).cloned(),
                 &sink,
                 options,
             );
-            let mut batch = batch;
             // Counters continue where the last stream of this pipe left them.
             if let Some(previous) = record
                 .replication
                 .as_ref()
                 .and_then(|r| r.tables.get(&table))
             {
-                batch.changes = *previous;
+                batch.changes = previous.clone();
             }
-            tables.insert(table, batch);
+            tables.insert(batch.relation_oid(), batch);
         }
     }
     let settings = spec.settings.unwrap_or_default();
@@ -232,7 +276,8 @@ pub async fn run(
     heartbeat.tick().await;
     info!(pipe = %name, start = %pgoutput::Lsn(start), "streaming");
 
-    let mut relations: HashMap<u32, String> = HashMap::new();
+    let mut position = Position::default();
+    let mut xid = 0u32;
     let mut pending = 0u64;
     let mut first_change: Option<Instant> = None;
     let mut in_transaction = false;
@@ -245,8 +290,15 @@ pub async fn run(
     };
     let mut stopping = false;
     loop {
+        let table_ctx = TableContext {
+            sink: &sink,
+            source: &heartbeats,
+            store: &ctx.store,
+            claim,
+            options,
+        };
         if stopping && !in_transaction {
-            flush(ctx, &sink, &mut tables, claim, &progress, &client).await?;
+            flush(ctx, &table_ctx, &mut tables, claim, &progress, &client).await?;
             client.stop();
             info!(pipe = %name, lsn = %pgoutput::Lsn(last_commit), "stream stopped at a checkpoint");
             return Ok(());
@@ -255,7 +307,7 @@ pub async fn run(
         let event = tokio::select! {
             event = client.recv() => event?,
             () = sleep_until(deadline), if deadline.is_some() && !in_transaction => {
-                flush(ctx, &sink, &mut tables, claim, &progress, &client).await?;
+                flush(ctx, &table_ctx, &mut tables, claim, &progress, &client).await?;
                 pending = 0;
                 first_change = None;
                 continue;
@@ -277,19 +329,20 @@ pub async fn run(
             return Err(StreamError::Ended);
         };
         match event {
-            ReplicationEvent::Begin { .. } => in_transaction = true,
-            ReplicationEvent::XLogData {
-                wal_start, data, ..
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid: begun,
+                ..
             } => {
-                let version = wal_start.as_u64();
-                let evolve = Evolve {
-                    sink: &sink,
-                    source: &heartbeats,
-                    store: &ctx.store,
-                    claim,
-                    options,
+                in_transaction = true;
+                position = Position {
+                    commit_lsn: final_lsn.as_u64(),
+                    rows: 0,
                 };
-                let changed = apply(&data, version, &mut relations, &mut tables, &evolve).await?;
+                xid = begun;
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let changed = apply(&data, &mut position, xid, &mut tables, &table_ctx).await?;
                 if changed {
                     pending += 1;
                     first_change.get_or_insert_with(Instant::now);
@@ -298,7 +351,7 @@ pub async fn run(
                 // checkpoint. pgoutput sends only committed transactions, and a replay after a
                 // crash rewrites these rows with the same versions, so partial writes are safe.
                 if tables.values().map(|b| b.body.len()).sum::<usize>() >= MAX_BUFFERED_BYTES {
-                    write_rows(&sink, &mut tables).await?;
+                    write_rows(&table_ctx, &mut tables).await?;
                 }
             }
             ReplicationEvent::Commit {
@@ -312,7 +365,7 @@ pub async fn run(
                 progress.commit_time_micros = commit_time_micros;
                 let due = first_change.is_some_and(|t| t.elapsed() >= interval);
                 if pending >= batch_limit || (pending > 0 && due) {
-                    flush(ctx, &sink, &mut tables, claim, &progress, &client).await?;
+                    flush(ctx, &table_ctx, &mut tables, claim, &progress, &client).await?;
                     pending = 0;
                     first_change = None;
                 } else if pending == 0 {
@@ -333,21 +386,15 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Applies one pgoutput message; returns whether it added a row.
+/// Applies one pgoutput message of transaction `xid`; returns whether it added a row.
 async fn apply(
     data: &Bytes,
-    version: u64,
-    relations: &mut HashMap<u32, String>,
-    tables: &mut HashMap<String, TableBatch>,
-    evolve: &Evolve<'_>,
+    position: &mut Position,
+    xid: u32,
+    tables: &mut HashMap<u32, TableBatch>,
+    ctx: &TableContext<'_>,
 ) -> Result<bool, StreamError> {
     let message = pgoutput::decode(data)?;
-    let table = |relations: &HashMap<u32, String>, oid: u32| {
-        relations
-            .get(&oid)
-            .cloned()
-            .ok_or(StreamError::UnknownRelation(oid))
-    };
     match message {
         Message::Relation {
             oid,
@@ -356,28 +403,34 @@ async fn apply(
             columns,
             ..
         } => {
-            let source_table = format!("{namespace}.{name}");
-            if let Some(batch) = tables.get_mut(&source_table) {
-                batch.relation(&columns, evolve).await?;
+            let announced = Announced {
+                namespace,
+                name,
+                columns: &columns,
+            };
+            match tables.get_mut(&oid) {
+                Some(batch) => batch.relation(&announced, ctx).await?,
+                None => {
+                    // Tables are tracked by oid: another relation under the name of one of
+                    // ours is that table dropped and created again, whose rows are not ours.
+                    let named = format!("{namespace}.{name}");
+                    if tables.values().any(|b| b.current_name() == named) {
+                        return Err(StreamError::TableRecreated { table: named });
+                    }
+                }
             }
-            relations.insert(oid, source_table);
             Ok(false)
         }
-        Message::Insert { relation, new } => match tables.get_mut(&table(relations, relation)?) {
-            Some(batch) => batch.insert(&new, version).map(|()| true),
+        Message::Insert { relation, new } => match ours(tables, relation, xid) {
+            Some(batch) => batch.insert(&new, position, ctx).await.map(|()| true),
             None => Ok(false),
         },
-        Message::Update { relation, old, new } => {
-            match tables.get_mut(&table(relations, relation)?) {
-                Some(batch) => batch
-                    .update(old, &new, version, evolve.sink)
-                    .await
-                    .map(|()| true),
-                None => Ok(false),
-            }
-        }
-        Message::Delete { relation, old } => match tables.get_mut(&table(relations, relation)?) {
-            Some(batch) => batch.delete(old, version).map(|()| true),
+        Message::Update { relation, old, new } => match ours(tables, relation, xid) {
+            Some(batch) => batch.update(old, &new, position, ctx).await.map(|()| true),
+            None => Ok(false),
+        },
+        Message::Delete { relation, old } => match ours(tables, relation, xid) {
+            Some(batch) => batch.delete(old, position).map(|()| true),
             None => Ok(false),
         },
         Message::Truncate {
@@ -385,12 +438,10 @@ async fn apply(
             ..
         } => {
             for oid in truncated {
-                let name = table(relations, oid)?;
-                if let Some(batch) = tables.get_mut(&name) {
+                if let Some(batch) = ours(tables, oid, xid) {
                     // Rows before the TRUNCATE go first; rows after it land after.
-                    batch.write(evolve.sink).await?;
-                    evolve.sink.truncate(&batch.name).await?;
-                    debug!(table = %name, "truncated");
+                    batch.truncate(ctx).await?;
+                    debug!(table = %batch.source_table(), "truncated");
                 }
             }
             Ok(false)
@@ -399,14 +450,47 @@ async fn apply(
     }
 }
 
+/// The table of relation `oid` if the pipe replicates it and its copy does not already hold
+/// the changes of transaction `xid`.
+fn ours(tables: &mut HashMap<u32, TableBatch>, oid: u32, xid: u32) -> Option<&mut TableBatch> {
+    tables
+        .get_mut(&oid)
+        .filter(|batch| !batch.already_copied(xid))
+}
+
+/// The snapshot each table was copied under (its partitions' visibility), for tables copied
+/// under one snapshot.
+async fn copied_under(
+    store: &ferry_store::Store,
+    pipe: &str,
+) -> Result<HashMap<String, Visibility>, StreamError> {
+    let mut seen: HashMap<String, Option<String>> = HashMap::new();
+    for planned in store.snapshot_plan(pipe).await? {
+        let partition = planned.partition;
+        let visibility =
+            Some(partition.snapshot_visibility.clone()).filter(|v| partition.done && !v.is_empty());
+        seen.entry(partition.source_table)
+            .and_modify(|v| {
+                if *v != visibility {
+                    *v = None;
+                }
+            })
+            .or_insert(visibility);
+    }
+    Ok(seen
+        .into_iter()
+        .filter_map(|(table, v)| Some((table, Visibility::parse(&v?)?)))
+        .collect())
+}
+
 /// Inserts every table's buffered rows into ClickHouse. Returns the rows written.
 async fn write_rows(
-    sink: &Sink,
-    tables: &mut HashMap<String, TableBatch>,
+    ctx: &TableContext<'_>,
+    tables: &mut HashMap<u32, TableBatch>,
 ) -> Result<u64, StreamError> {
     let mut rows = 0;
     for batch in tables.values_mut() {
-        rows += batch.write(sink).await?;
+        rows += batch.write(ctx).await?;
     }
     Ok(rows)
 }
@@ -427,14 +511,14 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// Writes every pending batch, then the checkpoint, then acknowledges the slot, then reports.
 async fn flush(
     ctx: &WorkerContext,
-    sink: &Sink,
-    tables: &mut HashMap<String, TableBatch>,
+    table_ctx: &TableContext<'_>,
+    tables: &mut HashMap<u32, TableBatch>,
     claim: &CdcClaim,
     progress: &Progress<'_>,
     client: &ReplicationClient,
 ) -> Result<(), StreamError> {
     let lsn = progress.lsn;
-    let rows = write_rows(sink, tables).await?;
+    let rows = write_rows(table_ctx, tables).await?;
     let now = SystemTime::now();
     let checkpoint = Checkpoint {
         lsn,
@@ -479,7 +563,11 @@ async fn flush(
         worker_id: ctx.worker_id.clone(),
         tables: tables
             .values()
-            .map(|b| (b.source_table().to_owned(), b.changes))
+            .map(|b| {
+                let mut changes = b.changes.clone();
+                changes.renamed_to = b.renamed_to.clone().unwrap_or_default();
+                (b.source_table().to_owned(), changes)
+            })
             .collect(),
     };
     if let Err(error) = ctx.store.put_replication_status(claim, &report).await {

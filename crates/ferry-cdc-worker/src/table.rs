@@ -1,25 +1,36 @@
 //! One replicated table inside a stream: its pending RowBinary rows, and how the columns the
 //! stream sends map onto the destination table as the source's schema evolves.
 //!
-//! The destination keeps every column it ever had: ADD COLUMN adds one (ALTER TABLE … ADD
-//! COLUMN), DROP COLUMN keeps it (later rows carry NULL, or the type's zero value for a NOT
-//! NULL column), and a column whose type changed fails the table with a remedy (resync).
+//! The table is tracked by relation oid, so a renamed table keeps replicating into its
+//! destination table (the new name is recorded). The destination keeps every column it ever
+//! had. Each insert names only the columns the stream sends at that point: a column added
+//! later (met again when a restart replays older changes) takes its ClickHouse DEFAULT, which
+//! is Postgres's missing value for it; a column dropped at the source becomes Nullable and
+//! gets NULL. A column that became nullable (`DROP NOT NULL`) becomes Nullable before its
+//! first NULL is written; no value is ever written as a zero stand-in. A type change or a
+//! replica identity that no longer sends the key fails the table with a remedy.
 
 use bytes::Bytes;
+use ferry_clickhouse::ddl;
+use ferry_clickhouse::lookup::key_comparable;
 use ferry_clickhouse::sink::Sink;
 use ferry_clickhouse::transcode::RowTranscoder;
 use ferry_clickhouse::types::{MappingOptions, ValueKind, column_type, value_kind};
+use ferry_clickhouse::version;
+use ferry_postgres::lookup::{KeyText, missing_value};
 use ferry_postgres::pgoutput::{OldTuple, RelationColumn, Tuple, Value};
 use ferry_postgres::schema::describe_table;
-use ferry_proto::v1::{ColumnSchema, TableChanges, TableSchema, TableState};
+use ferry_postgres::snapshot::Visibility;
+use ferry_proto::v1::{ColumnSchema, ReplicaIdentity, TableChanges, TableSchema, TableState};
 use ferry_store::Store;
 use ferry_store::cdc::CdcClaim;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::stream::StreamError;
+use crate::toast::{Backfill, Deferred, Lookup};
 
-/// What a schema change needs to reach.
-pub(crate) struct Evolve<'a> {
+/// What writing and evolving a table needs to reach.
+pub(crate) struct TableContext<'a> {
     pub(crate) sink: &'a Sink,
     pub(crate) source: &'a tokio_postgres::Client,
     pub(crate) store: &'a Store,
@@ -27,22 +38,57 @@ pub(crate) struct Evolve<'a> {
     pub(crate) options: MappingOptions,
 }
 
+/// Where the transaction being applied is: rows get versions in commit order.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Position {
+    /// The transaction's commit LSN.
+    pub(crate) commit_lsn: u64,
+    /// Rows it wrote so far.
+    pub(crate) rows: u64,
+}
+
+impl Position {
+    /// The version of the next row of the transaction.
+    pub(crate) fn next(&mut self) -> u128 {
+        self.rows += 1;
+        version::change(self.commit_lsn, self.rows)
+    }
+}
+
+/// A relation as a Relation message announces it.
+pub(crate) struct Announced<'a> {
+    pub(crate) namespace: &'a str,
+    pub(crate) name: &'a str,
+    pub(crate) columns: &'a [RelationColumn<'a>],
+}
+
+/// A column as the stream sends it: name, type, typmod, part of the replica identity.
+type Streamed = (String, u32, i32, bool);
+
 /// A destination table's pending rows and column mapping.
 pub(crate) struct TableBatch {
-    /// schema.table in the source.
+    /// schema.table as the pipe's spec names it (its etcd key and status entry).
     source_table: String,
+    /// schema.table now, if the table was renamed since Setup.
+    pub(crate) renamed_to: Option<String>,
     /// Destination table name.
     pub(crate) name: String,
     /// Destination columns (every column the table ever had).
     schema: TableSchema,
-    /// For each destination column, its index among the columns the stream sends.
-    positions: Vec<Option<usize>>,
-    /// The stream's column names and types, as last announced.
-    streamed: Vec<(String, u32, i32)>,
+    keyless: bool,
+    /// For a keyless table, the snapshot its rows were copied under: changes of transactions
+    /// it already saw are not applied again (a multiset cannot absorb a repeat).
+    snapshot: Option<Visibility>,
+    /// The stream's columns, as last announced.
+    streamed: Vec<Streamed>,
+    /// The destination columns inserts name, in destination order, each with its index among
+    /// the streamed columns.
+    written: Vec<(usize, usize)>,
     transcoder: RowTranscoder,
-    pub(crate) statement: String,
+    statement: String,
     pub(crate) body: Vec<u8>,
-    pub(crate) rows: u64,
+    rows: u64,
+    toast: Backfill,
     /// Changes replicated, cumulative across streams of the pipe.
     pub(crate) changes: TableChanges,
 }
@@ -52,76 +98,202 @@ impl TableBatch {
         source_table: String,
         name: String,
         schema: TableSchema,
+        snapshot: Option<Visibility>,
         sink: &Sink,
         options: MappingOptions,
     ) -> Self {
-        let positions = (0..schema.columns.len()).map(Some).collect();
-        let streamed = schema
-            .columns
-            .iter()
-            .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
-            .collect();
-        Self {
-            statement: sink.insert_statement(&name, &schema),
-            transcoder: RowTranscoder::new(&schema.columns, options),
+        let keyless = ddl::is_keyless(&schema);
+        let mut batch = Self {
             source_table,
+            renamed_to: None,
             name,
-            schema,
-            positions,
-            streamed,
+            keyless,
+            snapshot: snapshot.filter(|_| keyless),
+            streamed: Vec::new(),
+            written: Vec::new(),
+            transcoder: RowTranscoder::new(&[], options),
+            statement: String::new(),
             body: Vec::new(),
             rows: 0,
+            toast: Backfill::default(),
             changes: TableChanges::default(),
-        }
+            schema,
+        };
+        // Until the stream announces the relation, assume the recorded columns.
+        batch.streamed = batch
+            .schema
+            .columns
+            .iter()
+            .filter(|c| !c.dropped)
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    c.type_oid,
+                    c.type_modifier,
+                    c.key_position > 0,
+                )
+            })
+            .collect();
+        batch.remap(sink, options);
+        batch
     }
 
-    /// schema.table in the source.
+    /// schema.table as the spec names it.
     pub(crate) fn source_table(&self) -> &str {
         &self.source_table
     }
 
-    /// Takes in a Relation message: the same columns as before, or a schema change to apply.
+    /// The relation oid Setup recorded.
+    pub(crate) fn relation_oid(&self) -> u32 {
+        self.schema.relation_oid
+    }
+
+    /// schema.table as the source names it now.
+    pub(crate) fn current_name(&self) -> String {
+        format!("{}.{}", self.schema.source_schema, self.schema.source_table)
+    }
+
+    /// Whether the change of transaction `xid` is already in the table's snapshot copy.
+    pub(crate) fn already_copied(&self, xid: u32) -> bool {
+        self.snapshot.as_ref().is_some_and(|s| s.sees(xid))
+    }
+
+    /// Rebuilds the written columns, transcoder and INSERT statement from `streamed`.
+    fn remap(&mut self, sink: &Sink, options: MappingOptions) {
+        self.written = self
+            .schema
+            .columns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                self.streamed
+                    .iter()
+                    .position(|s| s.0 == c.name)
+                    .map(|at| (i, at))
+            })
+            .collect();
+        let columns: Vec<ColumnSchema> = self
+            .written
+            .iter()
+            .map(|(i, _)| self.schema.columns[*i].clone())
+            .collect();
+        self.transcoder = RowTranscoder::new(&columns, options);
+        let mut shown = self.schema.clone();
+        shown.columns = columns;
+        self.statement = sink.insert_statement(&self.name, &shown);
+    }
+
+    /// Takes in a Relation message: the same table as before, or a rename or schema change to
+    /// apply.
     pub(crate) async fn relation(
         &mut self,
-        columns: &[RelationColumn<'_>],
-        evolve: &Evolve<'_>,
+        announced: &Announced<'_>,
+        ctx: &TableContext<'_>,
     ) -> Result<(), StreamError> {
-        let streamed: Vec<(String, u32, i32)> = columns
+        let mut changed = false;
+        if (announced.namespace, announced.name)
+            != (
+                self.schema.source_schema.as_str(),
+                self.schema.source_table.as_str(),
+            )
+        {
+            info!(table = %self.source_table, now = %format!("{}.{}", announced.namespace, announced.name), "table renamed at the source; still replicating into {}", self.name);
+            self.schema.source_schema = announced.namespace.to_owned();
+            self.schema.source_table = announced.name.to_owned();
+            changed = true;
+        }
+        let current = self.current_name();
+        self.renamed_to = (current != self.source_table).then_some(current);
+        let streamed: Vec<Streamed> = announced
+            .columns
             .iter()
-            .map(|c| (c.name.to_owned(), c.type_oid, c.type_modifier))
+            .map(|c| (c.name.to_owned(), c.type_oid, c.type_modifier, c.key))
             .collect();
-        if streamed == self.streamed {
+        self.check_identity(&streamed)?;
+        if streamed == self.streamed && !changed {
             return Ok(());
         }
         // Rows already buffered were encoded for the old columns.
-        self.write(evolve.sink).await?;
-        let (namespace, table) = self
-            .source_table
-            .split_once('.')
-            .unwrap_or(("public", &self.source_table));
-        let described = describe_table(evolve.source, namespace, table).await?;
-        let mut changed = false;
+        self.write(ctx).await?;
+        let described = describe_table(ctx.source, announced.namespace, announced.name).await?;
         for column in &self.schema.columns {
-            if let Some(now) = described.columns.iter().find(|d| d.name == column.name) {
-                let same = (
-                    now.type_oid,
-                    now.type_modifier,
-                    now.element_type_oid,
-                    &now.type_kind,
-                ) == (
-                    column.type_oid,
-                    column.type_modifier,
-                    column.element_type_oid,
-                    &column.type_kind,
-                );
-                if !same {
-                    return Err(StreamError::SchemaChanged {
-                        table: self.source_table.clone(),
-                        detail: format!("column {} changed type to {}", column.name, now.type_name),
-                    });
-                }
+            let Some(now) = described.columns.iter().find(|d| d.name == column.name) else {
+                continue;
+            };
+            let same = (
+                now.type_oid,
+                now.type_modifier,
+                now.element_type_oid,
+                &now.type_kind,
+            ) == (
+                column.type_oid,
+                column.type_modifier,
+                column.element_type_oid,
+                &column.type_kind,
+            );
+            if !same {
+                return Err(StreamError::SchemaChanged {
+                    table: self.source_table.clone(),
+                    detail: format!("column {} changed type to {}", column.name, now.type_name),
+                });
             }
         }
+        changed |= self.add_columns(&described, &streamed, ctx).await?;
+        changed |= self.drop_columns(&described, ctx).await?;
+        self.streamed = streamed;
+        self.remap(ctx.sink, ctx.options);
+        if changed {
+            self.record(ctx).await?;
+        }
+        Ok(())
+    }
+
+    /// Fails the table if the stream no longer identifies its rows by the recorded key: a
+    /// changed replica identity would write delete markers under the wrong key.
+    fn check_identity(&self, streamed: &[Streamed]) -> Result<(), StreamError> {
+        let flagged = |name: &str| streamed.iter().any(|s| s.0 == name && s.3);
+        let lost: Vec<&str> = if self.keyless {
+            streamed
+                .iter()
+                .filter(|s| !s.3)
+                .map(|s| s.0.as_str())
+                .collect()
+        } else {
+            self.schema
+                .columns
+                .iter()
+                .filter(|c| c.key_position > 0 && !flagged(&c.name))
+                .map(|c| c.name.as_str())
+                .collect()
+        };
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let recorded = match self.schema.replica_identity() {
+            ReplicaIdentity::Full => "FULL".to_owned(),
+            ReplicaIdentity::Index => "USING INDEX <the index Setup saw>".to_owned(),
+            _ => "DEFAULT".to_owned(),
+        };
+        Err(StreamError::IdentityChanged {
+            table: self.current_name(),
+            detail: format!(
+                "the replica identity no longer includes {}",
+                lost.join(", ")
+            ),
+            restore: recorded,
+        })
+    }
+
+    /// Adds streamed columns the destination lacks (a replicated ADD COLUMN). Rows that
+    /// existed before show Postgres's default for the column (its missing value), which
+    /// becomes the ClickHouse column's DEFAULT.
+    async fn add_columns(
+        &mut self,
+        described: &TableSchema,
+        streamed: &[Streamed],
+        ctx: &TableContext<'_>,
+    ) -> Result<bool, StreamError> {
+        let mut added_any = false;
         for now in &described.columns {
             if self.schema.columns.iter().any(|c| c.name == now.name)
                 || !streamed.iter().any(|s| s.0 == now.name)
@@ -135,61 +307,163 @@ impl TableBatch {
                 .columns
                 .last()
                 .map_or_else(String::new, |c| c.name.clone());
-            // Rows that existed before the column show Postgres's default for it (its
-            // "missing value"); ClickHouse computes a column default for old rows alike.
-            let ty = column_type(&added, evolve.options);
-            let missing = missing_value(evolve.source, described.relation_oid, &added.name).await?;
+            let ty = column_type(&added, ctx.options);
+            let missing = missing_value(ctx.source, described.relation_oid, &added.name).await?;
             let ty = match missing.and_then(|text| default_expression(&added, &text, &ty)) {
                 Some(default) => format!("{ty} DEFAULT {default}"),
                 None => ty,
             };
-            evolve
-                .sink
+            ctx.sink
                 .add_column(&self.name, &added.name, &ty, &after)
                 .await?;
             info!(table = %self.source_table, column = %added.name, "column added");
             self.schema.columns.push(added);
-            changed = true;
+            added_any = true;
         }
-        if changed {
-            self.transcoder = RowTranscoder::new(&self.schema.columns, evolve.options);
-            self.statement = evolve.sink.insert_statement(&self.name, &self.schema);
-            let state = TableState {
-                schema: Some(self.schema.clone()),
-                destination_created: true,
-            };
-            evolve
-                .store
-                .put_table_state_claimed(evolve.claim, &self.source_table, &state)
-                .await?;
+        Ok(added_any)
+    }
+
+    /// Marks destination columns the source no longer has as dropped: they become Nullable
+    /// (later rows have no value for them) and leave the table's view.
+    async fn drop_columns(
+        &mut self,
+        described: &TableSchema,
+        ctx: &TableContext<'_>,
+    ) -> Result<bool, StreamError> {
+        let mut dropped_any = false;
+        for column in &mut self.schema.columns {
+            if column.dropped || described.columns.iter().any(|d| d.name == column.name) {
+                continue;
+            }
+            if column.key_position > 0 {
+                return Err(StreamError::SchemaChanged {
+                    table: self.source_table.clone(),
+                    detail: format!("key column {} was dropped", column.name),
+                });
+            }
+            if !column.nullable && !is_array(column) {
+                column.nullable = true;
+                ctx.sink
+                    .modify_column(&self.name, &column.name, &column_type(column, ctx.options))
+                    .await?;
+            }
+            column.dropped = true;
+            info!(table = %self.source_table, column = %column.name, "column dropped at the source; kept in ClickHouse with NULL in later rows");
+            dropped_any = true;
         }
-        self.positions = self
-            .schema
-            .columns
+        Ok(dropped_any)
+    }
+
+    /// Makes written columns Nullable where `values` holds a NULL the destination column
+    /// cannot take, once the source says the column is nullable now (`DROP NOT NULL`).
+    async fn admit_nulls(
+        &mut self,
+        values: &[Value<'_>],
+        ctx: &TableContext<'_>,
+    ) -> Result<(), StreamError> {
+        let refused: Vec<usize> = self
+            .written
             .iter()
-            .map(|c| streamed.iter().position(|s| s.0 == c.name))
+            .zip(values)
+            .filter(|((i, _), v)| {
+                let column = &self.schema.columns[*i];
+                **v == Value::Null && !column.nullable && !is_array(column)
+            })
+            .map(|((i, _), _)| *i)
             .collect();
-        self.streamed = streamed;
+        if refused.is_empty() {
+            return Ok(());
+        }
+        // Buffered rows are encoded for the NOT NULL type.
+        self.write(ctx).await?;
+        let described = describe_table(
+            ctx.source,
+            &self.schema.source_schema,
+            &self.schema.source_table,
+        )
+        .await?;
+        for i in refused {
+            let column = &mut self.schema.columns[i];
+            let nullable_now = described
+                .columns
+                .iter()
+                .any(|d| d.name == column.name && d.nullable);
+            if !nullable_now {
+                return Err(StreamError::NullInNotNull {
+                    table: self.source_table.clone(),
+                    column: column.name.clone(),
+                });
+            }
+            column.nullable = true;
+            ctx.sink
+                .modify_column(&self.name, &column.name, &column_type(column, ctx.options))
+                .await?;
+            info!(table = %self.source_table, column = %column.name, "column became nullable at the source; now Nullable in ClickHouse");
+        }
+        self.remap(ctx.sink, ctx.options);
+        self.record(ctx).await
+    }
+
+    /// Records the table's schema (and view) after a change.
+    async fn record(&mut self, ctx: &TableContext<'_>) -> Result<(), StreamError> {
+        ctx.sink.create_view(&self.name, &self.schema).await?;
+        let state = TableState {
+            schema: Some(self.schema.clone()),
+            destination_created: true,
+        };
+        if !ctx
+            .store
+            .put_table_state_claimed(ctx.claim, &self.source_table, &state)
+            .await?
+        {
+            return Err(StreamError::ClaimLost);
+        }
         Ok(())
     }
 
-    /// The tuple's values in destination column order (dropped columns: None).
+    /// The tuple's values in written-column order.
     fn mapped<'a>(&self, tuple: &Tuple<'a>) -> Vec<Value<'a>> {
         let values: Vec<Value<'a>> = tuple.values().collect();
-        self.positions
+        self.written
             .iter()
-            .map(|p| {
-                p.and_then(|i| values.get(i).copied())
-                    .unwrap_or(Value::Null)
-            })
+            .map(|(_, at)| values.get(*at).copied().unwrap_or(Value::Null))
             .collect()
     }
 
-    pub(crate) fn insert(&mut self, new: &Tuple<'_>, version: u64) -> Result<(), StreamError> {
-        let values = self.resolve(&self.mapped(new), None, None)?;
-        self.transcoder
-            .write_text_filled(values, version, &mut self.body)?;
+    /// Encodes a row in written-column order.
+    fn encode(
+        &mut self,
+        values: Vec<Option<&[u8]>>,
+        version: u128,
+        deleted: bool,
+    ) -> Result<(), StreamError> {
+        if deleted {
+            self.transcoder
+                .write_text_delete(values, version, &mut self.body)?;
+        } else {
+            self.transcoder
+                .write_text_row(values, version, false, &mut self.body)?;
+        }
         self.rows += 1;
+        Ok(())
+    }
+
+    pub(crate) async fn insert(
+        &mut self,
+        new: &Tuple<'_>,
+        position: &mut Position,
+        ctx: &TableContext<'_>,
+    ) -> Result<(), StreamError> {
+        let values = self.mapped(new);
+        self.admit_nulls(&values, ctx).await?;
+        if let Some(key) = self.key_text(&values) {
+            self.toast.note(&key);
+        }
+        self.encode(
+            values.iter().map(|v| text(*v)).collect(),
+            position.next(),
+            false,
+        )?;
         self.changes.inserted += 1;
         Ok(())
     }
@@ -198,14 +472,28 @@ impl TableBatch {
         &mut self,
         old: Option<OldTuple<'_>>,
         new: &Tuple<'_>,
-        version: u64,
-        sink: &Sink,
+        position: &mut Position,
+        ctx: &TableContext<'_>,
     ) -> Result<(), StreamError> {
         let new = self.mapped(new);
+        self.admit_nulls(&new, ctx).await?;
         let old_full = match old {
             Some(OldTuple::Full(row)) => Some(self.mapped(&row)),
             _ => None,
         };
+        self.changes.updated += 1;
+        if self.keyless {
+            // One copy of the old row goes, one of the new row comes.
+            let old = old_full.ok_or_else(|| StreamError::IdentityChanged {
+                table: self.current_name(),
+                detail: "an update of a keyless table came without its old row".into(),
+                restore: "FULL".into(),
+            })?;
+            let removed = old.iter().map(|v| text(*v)).collect();
+            self.encode(removed, position.next(), true)?;
+            let values = self.resolve(&new, Some(&old))?;
+            return self.encode(values, position.next(), false);
+        }
         // The key changed: the old key is deleted, the new row inserted. pgoutput sends the
         // old key only then; with REPLICA IDENTITY FULL it sends the old row every time.
         let old_key = match old {
@@ -213,206 +501,221 @@ impl TableBatch {
             Some(OldTuple::Full(_)) => old_full.clone().filter(|row| self.key_changed(row, &new)),
             None => None,
         };
-        // Unchanged TOAST values are not sent: take them from the full old row, or else from
-        // the row's latest version in ClickHouse — under the old key if the key changed, and
-        // before that version is marked deleted below.
-        let backfill = if old_full.is_none() && new.contains(&Value::Unchanged) {
-            Some(self.previous_values(&new, old_key.as_deref(), sink).await?)
-        } else {
-            None
-        };
-        if let Some(key) = &old_key {
-            self.transcoder.write_text_delete(
-                key.iter().map(|v| text(*v)),
-                version,
-                &mut self.body,
-            )?;
-            self.rows += 1;
+        let old_key_text = old_key.as_deref().and_then(|k| self.key_text(k));
+        let new_key_text = self.key_text(&new);
+        let needs_backfill = old_full.is_none() && new.contains(&Value::Unchanged);
+        if needs_backfill {
+            // A deferred row must see every earlier change of its key in ClickHouse.
+            let seen = [&old_key_text, &new_key_text]
+                .into_iter()
+                .flatten()
+                .any(|k| self.toast.holds(k));
+            if seen {
+                self.write(ctx).await?;
+            }
         }
-        let values = self.resolve(&new, old_full.as_deref(), backfill.as_ref())?;
-        self.transcoder
-            .write_text_filled(values, version, &mut self.body)?;
-        self.rows += 1;
-        self.changes.updated += 1;
+        if let Some(key) = &old_key {
+            let marker = key.iter().map(|v| text(*v)).collect();
+            self.encode(marker, position.next(), true)?;
+        }
+        for key in [&old_key_text, &new_key_text].into_iter().flatten() {
+            self.toast.note(key);
+        }
+        let version = position.next();
+        if needs_backfill {
+            return self.defer(&new, old_key_text, new_key_text, version);
+        }
+        let values = self.resolve(&new, old_full.as_deref())?;
+        self.encode(values, version, false)
+    }
+
+    /// Holds an update that left values out until the batch is written.
+    fn defer(
+        &mut self,
+        new: &[Value<'_>],
+        old_key: Option<KeyText>,
+        new_key: Option<KeyText>,
+        version: u128,
+    ) -> Result<(), StreamError> {
+        let comparable = self
+            .written
+            .iter()
+            .map(|(i, _)| &self.schema.columns[*i])
+            .filter(|c| c.key_position > 0)
+            .all(key_comparable);
+        let Some(new_key) = new_key.filter(|_| comparable) else {
+            let column = self
+                .written
+                .iter()
+                .zip(new)
+                .find(|(_, v)| **v == Value::Unchanged)
+                .map_or_else(String::new, |((i, _), _)| {
+                    self.schema.columns[*i].name.clone()
+                });
+            return Err(StreamError::UnchangedToast {
+                table: self.current_name(),
+                column,
+            });
+        };
+        let values = new
+            .iter()
+            .map(|v| match v {
+                Value::Unchanged => None,
+                other => Some(text(*other).map(<[u8]>::to_vec)),
+            })
+            .collect();
+        self.toast.pending.push(Deferred {
+            version,
+            keys: old_key.into_iter().chain([new_key]).collect(),
+            values,
+        });
         Ok(())
     }
 
-    /// The latest values in ClickHouse of the columns `new` leaves unchanged, by column.
-    async fn previous_values(
+    pub(crate) fn delete(
         &mut self,
-        new: &[Value<'_>],
-        old_key: Option<&[Value<'_>]>,
-        sink: &Sink,
-    ) -> Result<Vec<Option<Option<String>>>, StreamError> {
-        let unchanged = |table: &str, column: &ColumnSchema| StreamError::UnchangedToast {
-            table: table.to_owned(),
-            column: column.name.clone(),
-        };
-        // Rows buffered for this table may hold the latest version: write them first.
-        self.write(sink).await?;
-        let wanted: Vec<usize> = (0..new.len())
-            .filter(|i| new[*i] == Value::Unchanged)
-            .collect();
-        let first = &self.schema.columns[wanted.first().copied().unwrap_or(0)];
-        let expressions: Vec<String> = wanted
-            .iter()
-            .map(|i| postgres_text_of(&self.schema.columns[*i]))
-            .collect();
-        // Look under the old key first (the key changed), then the new one: a change replayed
-        // from before the snapshot may find the snapshot's newer row under the new key.
-        let mut found = None;
-        for values in old_key.into_iter().chain([new]) {
-            let key = self
-                .key_text(values)
-                .ok_or_else(|| unchanged(&self.source_table, first))?;
-            if key.is_empty() {
-                return Err(unchanged(&self.source_table, first));
-            }
-            found = sink.latest_row(&self.name, &expressions, &key).await?;
-            if found.is_some() {
-                break;
-            }
-        }
-        let mut values = vec![None; new.len()];
-        match found {
-            Some(row) => {
-                for (i, value) in wanted.into_iter().zip(row) {
-                    values[i] = Some(value);
-                }
-            }
-            // Neither version exists: the row was deleted before the snapshot was taken, so a
-            // later change in the stream deletes it again; its unchanged values do not matter.
-            None => {
-                debug!(table = %self.source_table, "row of a replayed update is gone; unchanged values left empty");
-                for i in wanted {
-                    values[i] = Some(None);
-                }
-            }
-        }
-        Ok(values)
-    }
-
-    pub(crate) fn delete(&mut self, old: OldTuple<'_>, version: u64) -> Result<(), StreamError> {
+        old: OldTuple<'_>,
+        position: &mut Position,
+    ) -> Result<(), StreamError> {
         let (OldTuple::Key(row) | OldTuple::Full(row)) = old;
         let values = self.mapped(&row);
-        self.transcoder.write_text_delete(
-            values.iter().map(|v| text(*v)),
-            version,
-            &mut self.body,
+        if let Some(key) = self.key_text(&values) {
+            self.toast.note(&key);
+        }
+        self.encode(
+            values.iter().map(|v| text(*v)).collect(),
+            position.next(),
+            true,
         )?;
-        self.rows += 1;
         self.changes.deleted += 1;
         Ok(())
     }
 
-    /// Inserts the buffered rows. Returns how many.
-    pub(crate) async fn write(&mut self, sink: &Sink) -> Result<u64, StreamError> {
+    /// Resolves deferred rows, then inserts the buffered rows. Returns how many.
+    pub(crate) async fn write(&mut self, ctx: &TableContext<'_>) -> Result<u64, StreamError> {
+        if !self.toast.pending.is_empty() {
+            let mut toast = std::mem::take(&mut self.toast);
+            let lookup = Lookup {
+                sink: ctx.sink,
+                source: ctx.source,
+                table: &self.name,
+                source_table: &self.current_name(),
+                key: ddl::key_columns(&self.schema),
+                columns: self
+                    .written
+                    .iter()
+                    .map(|(i, _)| &self.schema.columns[*i])
+                    .collect(),
+            };
+            let mut resolved = Vec::new();
+            let mut scratch_rows = 0;
+            let mut transcoder = self.transcoder.clone();
+            let resolved_result = toast
+                .resolve(&lookup, |version, values| {
+                    transcoder.write_text_row(values, version, false, &mut resolved)?;
+                    scratch_rows += 1;
+                    Ok(())
+                })
+                .await;
+            drop(lookup);
+            self.toast = toast;
+            let stats = resolved_result?;
+            info!(
+                table = %self.source_table,
+                rows = stats.rows,
+                lookups = stats.lookups,
+                source_lookups = stats.source_lookups,
+                dropped = stats.dropped,
+                "unchanged TOAST values filled in"
+            );
+            self.transcoder = transcoder;
+            self.body.extend_from_slice(&resolved);
+            self.rows += scratch_rows;
+        }
+        self.toast.clear();
         if self.rows == 0 {
             return Ok(0);
         }
-        sink.insert(&self.statement, Bytes::from(std::mem::take(&mut self.body)))
+        ctx.sink
+            .insert(&self.statement, Bytes::from(std::mem::take(&mut self.body)))
             .await?;
         Ok(std::mem::take(&mut self.rows))
     }
 
-    /// Whether the row key (primary key / identity columns; every column when there is none)
-    /// differs between the old and the new row.
+    /// Empties the destination (a replicated TRUNCATE), after the rows before it.
+    pub(crate) async fn truncate(&mut self, ctx: &TableContext<'_>) -> Result<(), StreamError> {
+        self.write(ctx).await?;
+        ctx.sink.truncate(&self.name).await?;
+        Ok(())
+    }
+
+    /// Whether the row key (primary key / identity columns) differs between the old and the
+    /// new row.
     fn key_changed(&self, old: &[Value<'_>], new: &[Value<'_>]) -> bool {
-        let keyless = self.schema.columns.iter().all(|c| c.key_position == 0);
-        self.schema
-            .columns
+        self.written
             .iter()
             .zip(old.iter().zip(new))
-            .filter(|(c, _)| keyless || c.key_position > 0)
+            .filter(|((i, _), _)| self.schema.columns[*i].key_position > 0)
             .any(|(_, (a, b))| *b != Value::Unchanged && a != b)
     }
 
-    /// The row key as (column, text), if every key column's ClickHouse text equals its
-    /// Postgres text (integers, text, enum labels, UUIDs).
-    fn key_text(&self, values: &[Value<'_>]) -> Option<Vec<(String, String)>> {
-        let mut key = Vec::new();
-        for (column, value) in self.schema.columns.iter().zip(values) {
+    /// The row key as the text of each key column in key order, if every key value is there.
+    fn key_text(&self, values: &[Value<'_>]) -> Option<KeyText> {
+        if self.keyless {
+            return None;
+        }
+        let mut key: Vec<(u32, String)> = Vec::new();
+        for ((i, _), value) in self.written.iter().zip(values) {
+            let column = &self.schema.columns[*i];
             if column.key_position == 0 {
                 continue;
             }
-            let comparable = matches!(
-                value_kind(column, MappingOptions::default()),
-                ValueKind::Int(_)
-                    | ValueKind::UInt32
-                    | ValueKind::Text
-                    | ValueKind::Enum
-                    | ValueKind::Uuid
-            );
             match value {
-                Value::Text(bytes) if comparable => {
-                    key.push((
-                        column.name.clone(),
-                        String::from_utf8_lossy(bytes).into_owned(),
-                    ));
-                }
+                Value::Text(bytes) | Value::Binary(bytes) => key.push((
+                    column.key_position,
+                    String::from_utf8_lossy(bytes).into_owned(),
+                )),
                 _ => return None,
             }
         }
-        Some(key)
+        key.sort_by_key(|(position, _)| *position);
+        Some(key.into_iter().map(|(_, text)| text).collect())
     }
 
-    /// The row's values; unchanged TOAST values come from the full old row when there is one,
-    /// else from `backfill` (values read back from ClickHouse, by column).
+    /// The row's values; unchanged TOAST values come from the full old row.
     fn resolve<'a>(
         &self,
         new: &[Value<'a>],
         old: Option<&[Value<'a>]>,
-        backfill: Option<&'a Vec<Option<Option<String>>>>,
     ) -> Result<Vec<Option<&'a [u8]>>, StreamError> {
         new.iter()
             .enumerate()
             .map(|(i, value)| match value {
-                Value::Unchanged => {
-                    match (old.and_then(|o| o.get(i)), backfill.and_then(|b| b.get(i))) {
-                        (Some(previous @ (Value::Text(_) | Value::Binary(_))), _) => {
-                            Ok(text(*previous))
-                        }
-                        (_, Some(Some(previous))) => Ok(previous.as_deref().map(str::as_bytes)),
-                        _ => Err(StreamError::UnchangedToast {
-                            table: self.source_table.clone(),
-                            column: self
-                                .schema
-                                .columns
-                                .get(i)
-                                .map_or_else(|| format!("#{i}"), |c| c.name.clone()),
-                        }),
-                    }
-                }
+                Value::Unchanged => match old.and_then(|o| o.get(i)) {
+                    Some(previous @ (Value::Text(_) | Value::Binary(_))) => Ok(text(*previous)),
+                    Some(Value::Null) => Ok(None),
+                    _ => Err(StreamError::UnchangedToast {
+                        table: self.current_name(),
+                        column: self.written.get(i).map_or_else(
+                            || format!("#{i}"),
+                            |(c, _)| self.schema.columns[*c].name.clone(),
+                        ),
+                    }),
+                },
                 other => Ok(text(*other)),
             })
             .collect()
     }
 }
 
-/// The value rows that predate an added column have for it (`attmissingval`), as text.
-async fn missing_value(
-    source: &tokio_postgres::Client,
-    relation: u32,
-    column: &str,
-) -> Result<Option<String>, StreamError> {
-    let row = source
-        .query_opt(
-            "SELECT (attmissingval::text::text[])[1] FROM pg_attribute \
-             WHERE attrelid = $1 AND attname = $2 AND atthasmissing",
-            &[&relation, &column],
-        )
-        .await
-        .map_err(|source| ferry_postgres::SourceError::Query {
-            what: "missing value",
-            source,
-        })?;
-    Ok(row.and_then(|r| r.get::<_, Option<String>>(0)))
+fn is_array(column: &ColumnSchema) -> bool {
+    column.element_type_oid != 0
 }
 
 /// A ClickHouse DEFAULT expression for the Postgres text `text` of a `column` of type `ty`,
 /// for the kinds whose text ClickHouse parses the same way; `None` for others.
 fn default_expression(column: &ColumnSchema, text: &str, ty: &str) -> Option<String> {
-    let quoted = format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"));
+    let quoted = ferry_clickhouse::lookup::string_literal(text);
     let value = match value_kind(column, MappingOptions::default()) {
         ValueKind::Int(_) | ValueKind::UInt32 | ValueKind::Float(_) | ValueKind::Decimal { .. } => {
             quoted
@@ -429,21 +732,6 @@ fn default_expression(column: &ColumnSchema, text: &str, ty: &str) -> Option<Str
         ValueKind::Bytes | ValueKind::Array(_) => return None,
     };
     Some(format!("CAST({value} AS {ty})"))
-}
-
-/// A ClickHouse expression giving the column's value as Postgres prints it (what the text
-/// transcoder reads): bytea as hex after a backslash-x, arrays as `{…}` literals with quoted
-/// elements, the rest as its string.
-fn postgres_text_of(column: &ColumnSchema) -> String {
-    let name = ferry_clickhouse::ddl::Ident(&column.name).to_string();
-    let expression = match value_kind(column, MappingOptions::default()) {
-        ValueKind::Bytes => format!(r"concat('\\x', lower(hex({name})))"),
-        ValueKind::Array(_) => format!(
-            r#"concat('{{', arrayStringConcat(arrayMap(x -> if(isNull(x), 'NULL', concat('"', replaceAll(replaceAll(toString(x), '\\', '\\\\'), '"', '\\"'), '"')), {name}), ','), '}}')"#
-        ),
-        _ => format!("toString({name})"),
-    };
-    format!("toNullable({expression})")
 }
 
 fn text(value: Value<'_>) -> Option<&[u8]> {

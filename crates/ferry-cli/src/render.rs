@@ -85,6 +85,12 @@ pub fn pipe(pipe: Option<&Pipe>) {
                 "changes   {}: {} inserted, {} updated, {} deleted",
                 table.source_table, table.inserted, table.updated, table.deleted
             );
+            if !table.renamed_to.is_empty() {
+                println!(
+                    "renamed   {} is now {} at the source (still replicated into {})",
+                    table.source_table, table.renamed_to, table.destination_table
+                );
+            }
         }
     }
     if let Some(error) = &status.error {

@@ -4,11 +4,15 @@
 //! - [`transcode`]: Postgres binary values → RowBinary, per-table column plans.
 //! - [`sink`]: the ClickHouse server: checks, DDL, RowBinary inserts.
 //! - [`ddl`]: destination tables (`ReplacingMergeTree(_ferry_version, _ferry_is_deleted)`
-//!   ordered by the source's row key, plus Ferry's metadata columns).
+//!   ordered by the source's row key, plus Ferry's metadata columns; keyless tables as
+//!   multisets) and the `<table>_current` views.
+//! - [`version`]: commit-ordered `_ferry_version`s.
 
 pub mod ddl;
 mod decimal;
+pub mod lookup;
 pub mod sink;
 mod text;
 pub mod transcode;
 pub mod types;
+pub mod version;

@@ -2,9 +2,10 @@
 
 use bytes::Bytes;
 use clickhouse::Client;
-use ferry_proto::v1::{ClickHouseDestination, TableSchema};
+use ferry_proto::v1::{ClickHouseDestination, ColumnSchema, TableSchema};
 
 use crate::ddl::{self, DdlError, IS_DELETED_COLUMN, Ident, VERSION_COLUMN};
+use crate::lookup;
 use crate::types::MappingOptions;
 
 /// A ClickHouse failure, phrased for the person who has to fix it.
@@ -242,35 +243,59 @@ impl Sink {
         self.execute("ADD COLUMN", &sql).await
     }
 
-    /// The latest live version of the row whose key columns print as `key` (name, text), as
-    /// the strings `columns` (expressions) give, or `None` if there is no such row.
-    pub async fn latest_row(
+    /// The latest live version of many rows by key (see [`lookup::latest_rows_query`]): for
+    /// each row found, its key texts and the Postgres text of each of `values`.
+    pub async fn latest_rows(
         &self,
         table: &str,
-        columns: &[String],
-        key: &[(String, String)],
-    ) -> Result<Option<Vec<Option<String>>>, SinkError> {
-        let filter: Vec<String> = key
-            .iter()
-            .enumerate()
-            .map(|(i, (name, _))| format!("toString({}) = {{k{i}:String}}", Ident(name)))
-            .collect();
+        key: &[&ColumnSchema],
+        values: &[&ColumnSchema],
+        literals: &[Vec<String>],
+    ) -> Result<Vec<(Vec<String>, Vec<Option<String>>)>, SinkError> {
+        if literals.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = lookup::latest_rows_query(&self.database, table, key, values, literals);
+        let rows = self
+            .client
+            .query(&sql)
+            .fetch_all::<Vec<Option<String>>>()
+            .await
+            .map_err(|e| self.classify("row lookup", e))?;
+        Ok(rows
+            .into_iter()
+            .map(|mut row| {
+                let values = row.split_off(key.len().min(row.len()));
+                (
+                    row.into_iter().map(Option::unwrap_or_default).collect(),
+                    values,
+                )
+            })
+            .collect())
+    }
+
+    /// Creates or replaces the `<table>_current` view of `schema` (see [`ddl::create_view`]).
+    pub async fn create_view(&self, table: &str, schema: &TableSchema) -> Result<(), SinkError> {
+        let sql = ddl::create_view(&self.database, table, schema);
+        self.execute(&format!("CREATE VIEW {}", ddl::view_name(table)), &sql)
+            .await
+    }
+
+    /// Changes the type of `column` of `table` to `ty`: Nullable, for a source column that
+    /// became nullable or was dropped (later rows carry NULL in it).
+    pub async fn modify_column(
+        &self,
+        table: &str,
+        column: &str,
+        ty: &str,
+    ) -> Result<(), SinkError> {
         let sql = format!(
-            "SELECT [{}] FROM {}.{} FINAL WHERE {} AND {} = 0 LIMIT 1",
-            columns.join(", "),
+            "ALTER TABLE {}.{} MODIFY COLUMN {} {ty}",
             Ident(&self.database),
             Ident(table),
-            filter.join(" AND "),
-            Ident(ddl::IS_DELETED_COLUMN)
+            Ident(column)
         );
-        let mut query = self.client.query(&sql);
-        for (i, (_, value)) in key.iter().enumerate() {
-            query = query.param(&format!("k{i}"), value.as_str());
-        }
-        query
-            .fetch_optional::<Vec<Option<String>>>()
-            .await
-            .map_err(|e| self.classify("row lookup", e))
+        self.execute("MODIFY COLUMN", &sql).await
     }
 
     /// Empties `table` (a replicated TRUNCATE).
@@ -299,9 +324,15 @@ impl Sink {
         )
     }
 
-    /// Inserts a RowBinary body with `statement` (from [`Sink::insert_statement`]).
+    /// Inserts a RowBinary body with `statement` (from [`Sink::insert_statement`]). Returns
+    /// only once the rows are durable: the checkpoint that follows relies on it, so an
+    /// asynchronous insert (a server or profile default of `async_insert = 1` would
+    /// acknowledge rows still in a buffer) is switched off for this statement.
     pub async fn insert(&self, statement: &str, body: Bytes) -> Result<(), SinkError> {
-        let mut insert = self.client.insert_formatted_with(statement.to_owned());
+        let mut insert = self
+            .client
+            .insert_formatted_with(statement.to_owned())
+            .with_setting("async_insert", "0");
         insert
             .send(body)
             .await

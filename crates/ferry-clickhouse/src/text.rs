@@ -342,3 +342,59 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod array_tests {
+    use super::*;
+
+    /// Element texts of a text-array literal, via its binary form.
+    fn elements(literal: &str) -> Vec<Option<String>> {
+        let mut out = Vec::new();
+        to_binary(
+            &ValueKind::Array(Box::new(ValueKind::Text)),
+            literal.as_bytes(),
+            &mut out,
+        )
+        .unwrap();
+        let word = |at: usize| i32::from_be_bytes(out[at..at + 4].try_into().unwrap());
+        if word(0) == 0 {
+            return Vec::new();
+        }
+        let count = word(12) as usize;
+        let mut at = 20;
+        let mut values = Vec::new();
+        for _ in 0..count {
+            let len = word(at);
+            at += 4;
+            if len < 0 {
+                values.push(None);
+            } else {
+                let len = len as usize;
+                values.push(Some(String::from_utf8(out[at..at + len].to_vec()).unwrap()));
+                at += len;
+            }
+        }
+        values
+    }
+
+    #[test]
+    fn quoted_elements_keep_everything_inside_the_quotes() {
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(elements(r#"{" a","b "}"#), vec![s(" a"), s("b ")]);
+        assert_eq!(
+            elements(r#"{"a,b","{c}","d\"e","f\\g","NULL",NULL,"",plain}"#),
+            vec![
+                s("a,b"),
+                s("{c}"),
+                s("d\"e"),
+                s("f\\g"),
+                s("NULL"),
+                None,
+                s(""),
+                s("plain")
+            ]
+        );
+        assert_eq!(elements(r#"{"  "}"#), vec![s("  ")]);
+        assert_eq!(elements("{}"), Vec::<Option<String>>::new());
+    }
+}

@@ -143,22 +143,11 @@ impl RowTranscoder {
     pub fn write_text_row<'v>(
         &mut self,
         values: impl IntoIterator<Item = Option<&'v [u8]>>,
-        version: u64,
+        version: u128,
         is_deleted: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), TranscodeError> {
         self.write_text(values, version, is_deleted, false, out)
-    }
-
-    /// As [`RowTranscoder::write_text_row`], writing the type's zero value where a NOT NULL
-    /// column has no value (a column dropped at the source, which the destination keeps).
-    pub fn write_text_filled<'v>(
-        &mut self,
-        values: impl IntoIterator<Item = Option<&'v [u8]>>,
-        version: u64,
-        out: &mut Vec<u8>,
-    ) -> Result<(), TranscodeError> {
-        self.write_text(values, version, false, true, out)
     }
 
     /// A delete marker (`_ferry_is_deleted = 1`) from the old key (text values; columns not in
@@ -167,7 +156,7 @@ impl RowTranscoder {
     pub fn write_text_delete<'v>(
         &mut self,
         key: impl IntoIterator<Item = Option<&'v [u8]>>,
-        version: u64,
+        version: u128,
         out: &mut Vec<u8>,
     ) -> Result<(), TranscodeError> {
         self.write_text(key, version, true, true, out)
@@ -176,7 +165,7 @@ impl RowTranscoder {
     fn write_text<'v>(
         &mut self,
         values: impl IntoIterator<Item = Option<&'v [u8]>>,
-        version: u64,
+        version: u128,
         is_deleted: bool,
         fill_defaults: bool,
         out: &mut Vec<u8>,
@@ -195,7 +184,7 @@ impl RowTranscoder {
     pub fn write_row<'v>(
         &mut self,
         values: impl IntoIterator<Item = Option<&'v [u8]>>,
-        version: u64,
+        version: u128,
         is_deleted: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), TranscodeError> {
@@ -208,7 +197,7 @@ impl RowTranscoder {
         &mut self,
         values: impl IntoIterator<Item = Option<&'v [u8]>>,
         format: Format,
-        version: u64,
+        version: u128,
         is_deleted: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), TranscodeError> {
@@ -544,7 +533,7 @@ mod tests {
         let mut expected = (-2i32).to_le_bytes().to_vec();
         expected.push(1); // NULL
         expected.extend_from_slice(&[2, b'h', b'i', 1]);
-        expected.extend_from_slice(&7u64.to_le_bytes());
+        expected.extend_from_slice(&7u128.to_le_bytes());
         expected.push(0);
         assert_eq!(out, expected);
     }
@@ -577,7 +566,7 @@ mod tests {
             .unwrap();
         let mut expected = 42i64.to_le_bytes().to_vec();
         expected.extend_from_slice(&[0, 1]); // empty string, NULL
-        expected.extend_from_slice(&7u64.to_le_bytes());
+        expected.extend_from_slice(&7u128.to_le_bytes());
         expected.push(1);
         assert_eq!(out, expected);
         // An ordinary row still refuses NULL in a NOT NULL column.

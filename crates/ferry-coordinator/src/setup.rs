@@ -252,6 +252,8 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
             schema::describe_table(&source, &mapping.source_schema, &mapping.source_table).await?;
         sink.create_table(&mapping.destination_table, &described, options)
             .await?;
+        sink.create_view(&mapping.destination_table, &described)
+            .await?;
         states.push((
             table,
             TableState {

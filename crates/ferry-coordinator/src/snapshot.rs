@@ -10,10 +10,14 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
+use ferry_clickhouse::ddl;
+use ferry_clickhouse::sink::Sink;
 use ferry_core::lifecycle::{self, PipeEvent};
+use ferry_core::spec::source_table_name;
 use ferry_postgres::{connection, snapshot};
 use ferry_proto::v1::{ExportedSnapshot, PipeError};
 use ferry_server::telemetry::error_chain;
+use ferry_store::snapshot::PlannedPartition;
 use ferry_store::{PipeRecord, StoreError};
 use tracing::{info, warn};
 
@@ -34,11 +38,12 @@ pub(crate) async fn hold(ctx: SetupContext, record: PipeRecord, me: String) {
             let secrets = setup::open_secrets(&ctx.store, &ctx.key, &name).await?;
             let source = record.spec.source.clone().unwrap_or_default();
             let client = connection::connect(&source, &secrets.source_password).await?;
-            let id = snapshot::export_snapshot(&client).await?;
+            let (id, visibility) = snapshot::export_snapshot(&client).await?;
             let published = ExportedSnapshot {
                 snapshot_id: id.clone(),
                 holder: me.clone(),
                 exported_at: Some(SystemTime::now().into()),
+                visibility,
             };
             ctx.store
                 .put_exported_snapshot(&ctx.fence, &name, &published)
@@ -74,6 +79,14 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         return Ok(());
     }
     let plan: Vec<_> = planned.iter().map(|p| p.partition.clone()).collect();
+    let keyless_tables: BTreeSet<String> = ctx
+        .store
+        .table_states(name)
+        .await?
+        .into_iter()
+        .filter(|(_, state)| state.schema.as_ref().is_some_and(ddl::is_keyless))
+        .map(|(table, _)| table)
+        .collect();
     let progress = table_progress(&record.spec, &plan);
     if let Some(stuck) = plan
         .iter()
@@ -107,9 +120,11 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         return Ok(());
     }
     // Each table must be read under one snapshot. A table that is not finished, or whose
-    // finished partitions disagree, is completed under the current one.
+    // finished partitions disagree, is completed under the current one. Snapshots are told
+    // apart by their visibility, not their id (an id can repeat after a server restart).
     if let Some(current) = ctx.store.exported_snapshot(name).await? {
         let mut stale = Vec::new();
+        let mut reread = Vec::new();
         let tables: BTreeSet<&str> = plan.iter().map(|p| p.source_table.as_str()).collect();
         for table in tables {
             let parts: Vec<_> = planned
@@ -117,25 +132,39 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
                 .filter(|p| p.partition.source_table == table)
                 .collect();
             let unfinished = parts.iter().any(|p| !p.partition.done);
-            let ids: BTreeSet<&str> = parts
+            let seen: BTreeSet<&str> = parts
                 .iter()
                 .filter(|p| p.partition.done)
-                .map(|p| p.partition.snapshot_id.as_str())
+                .map(|p| p.partition.snapshot_visibility.as_str())
                 .collect();
-            if unfinished || ids.len() > 1 {
-                stale.extend(
-                    parts
-                        .into_iter()
-                        .filter(|p| {
-                            p.partition.done && p.partition.snapshot_id != current.snapshot_id
-                        })
-                        .cloned(),
-                );
+            let old: Vec<_> = parts
+                .iter()
+                .filter(|p| {
+                    p.partition.done && p.partition.snapshot_visibility != current.visibility
+                })
+                .collect();
+            if !(unfinished || seen.len() > 1) || old.is_empty() {
+                continue;
+            }
+            if keyless_tables.contains(table) {
+                // A keyless table's rows are a multiset keyed by their place in one snapshot:
+                // rows of another snapshot cannot be overwritten, only removed. Start the
+                // table over once none of its partitions is being copied.
+                reread.push((
+                    table.to_owned(),
+                    parts.into_iter().cloned().collect::<Vec<_>>(),
+                ));
+            } else {
+                stale.extend(old.into_iter().map(|p| (*p).clone()));
             }
         }
         if !stale.is_empty() {
             warn!(pipe = %name, partitions = stale.len(), "partitions read under an older snapshot; reading them again");
             ctx.store.reset_partitions(&ctx.fence, &stale).await?;
+            return Ok(());
+        }
+        if !reread.is_empty() {
+            restart_keyless(ctx, record, reread).await?;
             return Ok(());
         }
     }
@@ -167,6 +196,56 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
     if finished {
         ctx.store.delete_exported_snapshot(&ctx.fence, name).await?;
         info!(pipe = %name, next = lifecycle::state_name(status.state()), "snapshot finished");
+    }
+    Ok(())
+}
+
+/// Empties the destination of keyless tables read under more than one snapshot and plans them
+/// again from scratch, for each table once no partition of it is being copied (a copy in
+/// flight would land its old rows after the truncation).
+async fn restart_keyless(
+    ctx: &SetupContext,
+    record: &PipeRecord,
+    tables: Vec<(String, Vec<PlannedPartition>)>,
+) -> Result<(), StoreError> {
+    let name = &record.spec.name;
+    let claims = ctx.store.snapshot_claims(name).await?;
+    let owners = ctx.store.keys().snapshot_owners(name);
+    let secrets = match setup::open_secrets(&ctx.store, &ctx.key, name).await {
+        Ok(secrets) => secrets,
+        Err(SetupProblem::Store(error)) => return Err(error),
+        Err(problem) => {
+            warn!(pipe = %name, error = %error_chain(&problem), "cannot restart keyless tables");
+            return Ok(());
+        }
+    };
+    let sink = Sink::new(
+        &record.spec.destination.clone().unwrap_or_default(),
+        &secrets.destination_password,
+    );
+    for (table, parts) in tables {
+        let busy = claims.iter().any(|(key, ..)| {
+            key.strip_prefix(owners.as_str())
+                .and_then(|rest| rest.rsplit_once('/'))
+                .is_some_and(|(t, _)| t == table)
+        });
+        if busy {
+            continue;
+        }
+        let Some(mapping) = record
+            .spec
+            .tables
+            .iter()
+            .find(|m| source_table_name(m) == table)
+        else {
+            continue;
+        };
+        if let Err(error) = sink.truncate(&mapping.destination_table).await {
+            warn!(pipe = %name, table = %table, error = %error_chain(&error), "cannot empty a keyless table to read it again");
+            continue;
+        }
+        warn!(pipe = %name, table = %table, "keyless table read under more than one snapshot; reading it again from scratch");
+        ctx.store.reset_partitions(&ctx.fence, &parts).await?;
     }
     Ok(())
 }

@@ -5,10 +5,12 @@
 //!   table existence, SELECT privilege, row identity, publication), each failing with the exact
 //!   SQL a user runs to fix it.
 //! - [`schema`]: the source table definitions Setup records.
+//! - [`lookup`]: rows read back by key (unchanged TOAST values), columns' missing values.
 
 pub mod connection;
 pub mod copy;
 mod error;
+pub mod lookup;
 pub mod pgoutput;
 pub mod replication;
 pub mod schema;

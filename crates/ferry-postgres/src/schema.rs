@@ -159,6 +159,7 @@ pub async fn describe_table(
             nullable: row.get(4),
             element_type_oid,
             type_kind,
+            dropped: false,
         });
     }
 

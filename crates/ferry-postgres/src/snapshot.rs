@@ -42,7 +42,7 @@ pub async fn plan(
         .get(0);
     let max_partitions = if version < 140_000 { 1 } else { MAX_PARTITIONS };
     let mut plan = Vec::new();
-    for relation in relations {
+    for (ordinal, relation) in relations.into_iter().enumerate() {
         let name: String = relation.get(0);
         let pages = u64::try_from(relation.get::<_, i64>(1)).unwrap_or(0);
         let mut rows = relation.get::<_, i64>(2);
@@ -70,6 +70,7 @@ pub async fn plan(
                 start_block: i * blocks,
                 end_block: if last { 0 } else { (i + 1) * blocks },
                 rows_estimated: rows / count,
+                relation_ordinal: u32::try_from(ordinal).unwrap_or(u32::MAX),
                 ..Default::default()
             });
         }
@@ -90,31 +91,46 @@ pub fn copy_query(partition: &SnapshotPartition, select: &[String]) -> String {
     )
 }
 
-/// Opens a repeatable-read transaction on `client` and exports its snapshot. The snapshot
-/// lives as long as the transaction: keep the client open and idle while readers import it.
-pub async fn export_snapshot(client: &Client) -> Result<String, SourceError> {
+/// Opens a repeatable-read transaction on `client` and exports its snapshot: its id and its
+/// visibility (`pg_current_snapshot()`). The snapshot lives as long as the transaction: keep
+/// the client open and idle while readers import it.
+pub async fn export_snapshot(client: &Client) -> Result<(String, String), SourceError> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await
         .map_err(query_error("snapshot transaction"))?;
     let row = client
-        .query_one("SELECT pg_export_snapshot()", &[])
+        .query_one(
+            "SELECT pg_export_snapshot(), pg_current_snapshot()::text",
+            &[],
+        )
         .await
         .map_err(query_error("pg_export_snapshot"))?;
-    Ok(row.get(0))
+    Ok((row.get(0), row.get(1)))
+}
+
+/// The visibility of the transaction snapshot `client` reads under (`pg_current_snapshot()`:
+/// `xmin:xmax:xip,…` in 64-bit transaction ids, which never repeat).
+async fn visibility(client: &Client) -> Result<String, SourceError> {
+    Ok(client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .map_err(query_error("snapshot visibility"))?
+        .get(0))
 }
 
 /// Starts the read transaction of a partition, importing `snapshot` when given (`None` reads
 /// a fresh snapshot: benchmarks, tests). If the snapshot's holder is gone Postgres refuses the
 /// import and this returns [`SourceError::SnapshotGone`]: the caller waits for a new export
-/// rather than read a different point in time than the table's other partitions.
-pub async fn begin_read(client: &Client, snapshot: Option<&str>) -> Result<(), SourceError> {
+/// rather than read a different point in time than the table's other partitions. Returns
+/// the visibility of the snapshot read under.
+pub async fn begin_read(client: &Client, snapshot: Option<&str>) -> Result<String, SourceError> {
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await
         .map_err(query_error("read transaction"))?;
     let Some(snapshot) = snapshot else {
-        return Ok(());
+        return visibility(client).await;
     };
     if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
         return Err(SourceError::SnapshotGone {
@@ -125,7 +141,7 @@ pub async fn begin_read(client: &Client, snapshot: Option<&str>) -> Result<(), S
         .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
         .await;
     match import {
-        Ok(()) => Ok(()),
+        Ok(()) => visibility(client).await,
         // 22023: "invalid snapshot identifier" — the exporting transaction has ended.
         Err(error)
             if error.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) =>
@@ -139,5 +155,93 @@ pub async fn begin_read(client: &Client, snapshot: Option<&str>) -> Result<(), S
             what: "snapshot import",
             source: error,
         }),
+    }
+}
+
+/// Which transactions a snapshot sees, from its `pg_current_snapshot()` text
+/// (`xmin:xmax:xip,…`, 64-bit transaction ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Visibility {
+    xmin: u64,
+    xmax: u64,
+    in_progress: Vec<u64>,
+}
+
+impl Visibility {
+    /// Parses `pg_current_snapshot()::text`; `None` if it is not one.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let list = parts.next()?;
+        let in_progress = if list.is_empty() {
+            Vec::new()
+        } else {
+            list.split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?
+        };
+        Some(Self {
+            xmin,
+            xmax,
+            in_progress,
+        })
+    }
+
+    /// Whether a transaction with the 32-bit id `xid` (as pgoutput's Begin carries it) that
+    /// committed is visible in the snapshot: it had finished when the snapshot was taken.
+    pub fn sees(&self, xid: u32) -> bool {
+        let full = self.widen(xid);
+        if full < self.xmin {
+            return true;
+        }
+        full < self.xmax && !self.in_progress.contains(&full)
+    }
+
+    /// The 64-bit id of `xid`: the one within 2^31 of the snapshot's xmax (a transaction in the
+    /// stream is never that far from a snapshot taken while the slot was retaining WAL).
+    fn widen(&self, xid: u32) -> u64 {
+        let epoch = self.xmax & !0xffff_ffff;
+        let candidate = epoch | u64::from(xid);
+        if candidate > self.xmax.saturating_add(1 << 31) {
+            candidate.saturating_sub(1 << 32)
+        } else if candidate.saturating_add(1 << 31) < self.xmax {
+            candidate.saturating_add(1 << 32)
+        } else {
+            candidate
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Visibility;
+
+    #[test]
+    fn visibility_follows_xmin_xmax_and_in_progress() {
+        let v = Visibility::parse("100:105:101,103").unwrap();
+        assert!(v.sees(99) && v.sees(100) && v.sees(102) && v.sees(104));
+        assert!(!v.sees(101) && !v.sees(103) && !v.sees(105) && !v.sees(200));
+        assert_eq!(
+            Visibility::parse("7:7:").unwrap(),
+            Visibility {
+                xmin: 7,
+                xmax: 7,
+                in_progress: vec![]
+            }
+        );
+        assert!(Visibility::parse("garbage").is_none());
+        assert!(Visibility::parse("1:2:x").is_none());
+    }
+
+    #[test]
+    fn xids_are_widened_across_an_epoch() {
+        // xmax just past a wraparound: 32-bit ids near u32::MAX belong to the previous epoch.
+        let v = Visibility::parse(&format!("{}:{}:", (1u64 << 32) - 10, (1u64 << 32) + 5)).unwrap();
+        assert!(v.sees(u32::MAX - 20)); // below xmin
+        assert!(v.sees(u32::MAX - 5)); // between xmin and xmax
+        assert!(v.sees(3)); // next epoch, below xmax
+        assert!(!v.sees(6)); // at or past xmax
     }
 }

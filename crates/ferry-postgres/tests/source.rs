@@ -320,11 +320,15 @@ async fn partitions_import_the_exported_snapshot_and_know_when_it_is_gone() {
         .await
         .unwrap();
     let holder = connect(&source(&pg, "postgres"), "").await.unwrap();
-    let snapshot = export_snapshot(&holder).await.unwrap();
+    let (snapshot, exported_visibility) = export_snapshot(&holder).await.unwrap();
     // A row committed after the export is invisible to readers that import it.
     db.batch_execute("INSERT INTO t VALUES (3)").await.unwrap();
     let reader = connect(&source(&pg, "postgres"), "").await.unwrap();
-    begin_read(&reader, Some(&snapshot)).await.unwrap();
+    let visibility = begin_read(&reader, Some(&snapshot)).await.unwrap();
+    // The importer sees exactly what the exporter sees: the texts name the same snapshot.
+    assert_eq!(visibility, exported_visibility);
+    let fresh = connect(&source(&pg, "postgres"), "").await.unwrap();
+    assert_ne!(begin_read(&fresh, None).await.unwrap(), exported_visibility);
     let seen: i64 = reader
         .query_one("SELECT count(*) FROM t", &[])
         .await

@@ -2,8 +2,9 @@
 //! RowBinary and inserted into ClickHouse in bounded batches.
 //!
 //! Memory is bounded by one insert batch plus one COPY chunk, whatever the table size. Rows
-//! carry `_ferry_version = 0`, so a partition copied twice (after a crash) only repeats rows
-//! that ReplacingMergeTree collapses, and any change replicated later wins over them.
+//! carry a version below every change's (0, or the row's ctid for keyless tables, see
+//! [`ferry_clickhouse::version`]), so a partition copied twice (after a crash) only repeats
+//! rows that ReplacingMergeTree collapses, and any change replicated later wins over them.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use ferry_clickhouse::sink::{Sink, SinkError};
 use ferry_clickhouse::transcode::{RowTranscoder, TranscodeError, select_list};
 use ferry_clickhouse::types::MappingOptions;
+use ferry_clickhouse::{ddl, version};
 use ferry_core::secret::{SecretError, SecretKey};
 use ferry_core::spec::source_table_name;
 use ferry_postgres::copy::{CopyDecoder, CopyError, DecodeError};
@@ -60,9 +62,13 @@ pub enum PartitionError {
     /// Setup did not record the table.
     #[error("no recorded schema for {0}")]
     NoSchema(String),
+    /// A keyless partitioned table with more leaves than its row versions can number.
+    #[error("{0} has more than 65536 partitions; keyless tables are limited to that many")]
+    TooManyRelations(String),
 }
 
-/// Copies `partition` of the pipe `spec` into its destination table.
+/// Copies `partition` of the pipe `spec` into its destination table. Returns the rows copied
+/// and the visibility of the snapshot they were read under.
 pub async fn copy_partition(
     store: &Store,
     key: &SecretKey,
@@ -70,7 +76,7 @@ pub async fn copy_partition(
     state: &TableState,
     partition: &SnapshotPartition,
     exported_snapshot: Option<&str>,
-) -> Result<u64, PartitionError> {
+) -> Result<(u64, String), PartitionError> {
     let schema = state
         .schema
         .as_ref()
@@ -93,7 +99,7 @@ pub async fn copy_partition(
         &secrets.source_password,
     )
     .await?;
-    snapshot::begin_read(&source, exported_snapshot).await?;
+    let visibility = snapshot::begin_read(&source, exported_snapshot).await?;
     let sink = Sink::new(
         &spec.destination.clone().unwrap_or_default(),
         &secrets.destination_password,
@@ -106,7 +112,7 @@ pub async fn copy_partition(
     .await?;
     // Read-only: nothing to commit; ending the transaction frees the snapshot import.
     let _ = source.batch_execute("ROLLBACK").await;
-    Ok(rows)
+    Ok((rows, visibility))
 }
 
 /// Reads one partition with binary COPY on `source` (in the transaction the caller opened),
@@ -124,14 +130,23 @@ where
     Fut: Future<Output = Result<(), PartitionError>> + Send + 'static,
 {
     let options = MappingOptions::default();
-    let select = select_list(&schema.columns, options);
+    // A keyless table is a multiset: each row's version is its place in the snapshot, read
+    // with it as the first column, so identical rows stay distinct and a partition copied
+    // again collapses onto itself.
+    let keyless = ddl::is_keyless(schema);
+    let mut select = select_list(&schema.columns, options);
+    if keyless {
+        select.insert(0, "ctid".into());
+    }
+    let relation = u16::try_from(partition.relation_ordinal)
+        .map_err(|_| PartitionError::TooManyRelations(partition.source_table.clone()))?;
     let query = snapshot::copy_query(partition, &select);
     let stream = source
         .copy_out(query.as_str())
         .await
         .map_err(PartitionError::Copy)?;
     tokio::pin!(stream);
-    let mut decoder = CopyDecoder::new(schema.columns.len());
+    let mut decoder = CopyDecoder::new(select.len());
     let mut transcoder = RowTranscoder::new(&schema.columns, options);
     let mut body = Vec::with_capacity(BATCH_BYTES + BATCH_SLACK);
     let mut batch_rows = 0u64;
@@ -140,8 +155,13 @@ where
     let mut in_flight: Option<AbortOnDrop> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(PartitionError::Copy)?;
-        let decoded = decoder.feed(&chunk, |fields| {
-            transcoder.write_row(fields, 0, false, &mut body)?;
+        let decoded = decoder.feed(&chunk, |mut fields| {
+            let version = if keyless {
+                ctid_version(relation, fields.next().flatten())?
+            } else {
+                0
+            };
+            transcoder.write_row(fields, version, false, &mut body)?;
             batch_rows += 1;
             Ok::<_, TranscodeError>(())
         });
@@ -176,6 +196,19 @@ where
         );
     }
     Ok(rows)
+}
+
+/// The version of a keyless table's snapshot row from its binary `tid` (block u32, offset
+/// u16).
+fn ctid_version(relation: u16, tid: Option<&[u8]>) -> Result<u128, TranscodeError> {
+    let failed = || TranscodeError {
+        column: "ctid".into(),
+        problem: "expected a 6-byte tid".into(),
+    };
+    let tid: [u8; 6] = tid.and_then(|t| t.try_into().ok()).ok_or_else(failed)?;
+    let block = u32::from_be_bytes([tid[0], tid[1], tid[2], tid[3]]);
+    let offset = u16::from_be_bytes([tid[4], tid[5]]);
+    Ok(version::snapshot_row(relation, block, offset))
 }
 
 /// An insert task that is aborted if dropped before it is awaited.

@@ -195,11 +195,12 @@ async fn copy_claimed(
         }
     };
     let outcome = match copied {
-        Ok(rows) => {
+        Ok((rows, visibility)) => {
             partition.done = true;
             partition.rows_copied = rows;
             partition.worker_id = ctx.worker_id.clone();
             partition.snapshot_id = snapshot;
+            partition.snapshot_visibility = visibility;
             partition.last_error.clear();
             complete(&ctx, &claim, &partition).await
         }

@@ -192,6 +192,7 @@ impl Store {
             partition.done = false;
             partition.rows_copied = 0;
             partition.snapshot_id.clear();
+            partition.snapshot_visibility.clear();
             let txn = Txn::new()
                 .when([
                     fence.compare(),

@@ -117,6 +117,7 @@ pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
                 table.inserted = changes.inserted;
                 table.updated = changes.updated;
                 table.deleted = changes.deleted;
+                table.renamed_to.clone_from(&changes.renamed_to);
             }
         }
         status.replication = Some(replication.clone());

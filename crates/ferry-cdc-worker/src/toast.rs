@@ -1,0 +1,219 @@
+//! Unchanged TOAST values: pgoutput leaves a large value out of an UPDATE that did not change
+//! it (without REPLICA IDENTITY FULL), and Ferry never writes a value it does not have.
+//!
+//! Such an update is deferred until its batch is written. Then all deferred rows of a table
+//! are resolved together: their latest live version in ClickHouse (one keyed `FINAL` lookup per
+//! few thousand rows, under the old key first when the key changed), else the row as it is now
+//! in Postgres (a CDC-only pipe's rows that predate it, or a row the snapshot never held): if
+//! that is newer than the change, a later change in the stream carries a higher version and
+//! wins, so the table still converges. A row found in neither has since been deleted at the
+//! source: its update is dropped, and the delete that follows in the stream removes the key.
+//!
+//! A deferred row must see every earlier change of its key, so when a row arrives for a key
+//! that already has rows in the batch, the batch is written (and its deferred rows resolved)
+//! first. Keys are remembered by hash: a collision only costs an extra write.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use ferry_clickhouse::lookup::{MAX_KEY_BYTES, MAX_KEYS, key_literal};
+use ferry_clickhouse::sink::Sink;
+use ferry_postgres::lookup::{KeyColumn, KeyText, current_rows};
+use ferry_proto::v1::ColumnSchema;
+use tracing::debug;
+
+use crate::stream::StreamError;
+
+/// A value of a deferred row: known (possibly NULL), or left out by pgoutput.
+pub(crate) type Slot = Option<Option<Vec<u8>>>;
+
+/// An update waiting for the values it left out.
+#[derive(Debug)]
+pub(crate) struct Deferred {
+    pub(crate) version: u128,
+    /// Keys to look the row up under, in order: the old key when the key changed, then the new.
+    pub(crate) keys: Vec<KeyText>,
+    /// The row in written-column order; `None` where the value was left out.
+    pub(crate) values: Vec<Slot>,
+}
+
+/// The deferred rows of one table's batch and the keys the batch holds.
+#[derive(Debug, Default)]
+pub(crate) struct Backfill {
+    pub(crate) pending: Vec<Deferred>,
+    keys: HashSet<u64>,
+}
+
+/// What resolving needs to know about the table.
+pub(crate) struct Lookup<'a> {
+    pub(crate) sink: &'a Sink,
+    pub(crate) source: &'a tokio_postgres::Client,
+    /// Destination table.
+    pub(crate) table: &'a str,
+    /// The source table now (schema.table).
+    pub(crate) source_table: &'a str,
+    /// Key columns in key order.
+    pub(crate) key: Vec<&'a ColumnSchema>,
+    /// The written columns, in written order.
+    pub(crate) columns: Vec<&'a ColumnSchema>,
+}
+
+impl Backfill {
+    /// Whether the batch holds a row of `key`.
+    pub(crate) fn holds(&self, key: &KeyText) -> bool {
+        self.keys.contains(&hash(key))
+    }
+
+    /// Remembers that the batch holds a row of `key`.
+    pub(crate) fn note(&mut self, key: &KeyText) {
+        self.keys.insert(hash(key));
+    }
+
+    /// Forgets the batch (it was written).
+    pub(crate) fn clear(&mut self) {
+        self.keys.clear();
+    }
+
+    /// Resolves every deferred row, handing each complete row (with its version) to `emit`;
+    /// rows whose key no longer exists anywhere are dropped.
+    pub(crate) async fn resolve(
+        &mut self,
+        lookup: &Lookup<'_>,
+        mut emit: impl FnMut(u128, Vec<Option<&[u8]>>) -> Result<(), StreamError>,
+    ) -> Result<Resolved, StreamError> {
+        let pending = std::mem::take(&mut self.pending);
+        let mut resolved = Resolved {
+            rows: u64::try_from(pending.len()).unwrap_or(u64::MAX),
+            ..Resolved::default()
+        };
+        let mut start = 0;
+        while start < pending.len() {
+            let end = chunk_end(&pending[start..]) + start;
+            let chunk = &pending[start..end];
+            start = end;
+            let found = latest(chunk, lookup).await?;
+            resolved.lookups += 1;
+            // Rows ClickHouse does not hold: as they are now in Postgres.
+            let missing: Vec<KeyText> = chunk
+                .iter()
+                .filter(|d| !d.keys.iter().any(|k| found.contains_key(k)))
+                .filter_map(|d| d.keys.last().cloned())
+                .collect();
+            let now = if missing.is_empty() {
+                HashMap::new()
+            } else {
+                resolved.source_lookups += 1;
+                current(&missing, lookup).await?
+            };
+            for row in chunk {
+                let previous = row
+                    .keys
+                    .iter()
+                    .find_map(|k| found.get(k))
+                    .or_else(|| row.keys.last().and_then(|k| now.get(k)));
+                let Some(previous) = previous else {
+                    debug!(table = %lookup.source_table, "row of an update is gone at the source; a later delete removes it");
+                    resolved.dropped += 1;
+                    continue;
+                };
+                let values = row
+                    .values
+                    .iter()
+                    .zip(previous)
+                    .map(|(value, previous)| match value {
+                        Some(value) => value.as_deref(),
+                        None => previous.as_deref().map(str::as_bytes),
+                    })
+                    .collect();
+                emit(row.version, values)?;
+            }
+        }
+        Ok(resolved)
+    }
+}
+
+/// What resolving deferred rows took.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Resolved {
+    /// Deferred rows.
+    pub(crate) rows: u64,
+    /// Keyed lookups in ClickHouse.
+    pub(crate) lookups: u64,
+    /// Keyed lookups in Postgres (rows ClickHouse did not hold).
+    pub(crate) source_lookups: u64,
+    /// Rows gone at the source (a later delete removes them).
+    pub(crate) dropped: u64,
+}
+
+fn hash(key: &KeyText) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The end of the next chunk of `pending` that one lookup query can serve.
+fn chunk_end(pending: &[Deferred]) -> usize {
+    let mut bytes = 0;
+    let mut keys = 0;
+    for (i, row) in pending.iter().enumerate() {
+        let size: usize = row.keys.iter().flatten().map(|k| k.len() + 4).sum();
+        if i > 0 && (bytes + size > MAX_KEY_BYTES || keys + row.keys.len() > MAX_KEYS) {
+            return i;
+        }
+        bytes += size;
+        keys += row.keys.len();
+    }
+    pending.len()
+}
+
+/// A key whose text is no value of its column's type: the row cannot be looked up.
+fn unchanged(lookup: &Lookup<'_>) -> StreamError {
+    StreamError::UnchangedToast {
+        table: lookup.source_table.to_owned(),
+        column: lookup
+            .key
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// The latest live values in ClickHouse of the rows of `chunk`, by key text, in written order.
+async fn latest(
+    chunk: &[Deferred],
+    lookup: &Lookup<'_>,
+) -> Result<HashMap<KeyText, Vec<Option<String>>>, StreamError> {
+    let mut literals = Vec::new();
+    for key in chunk.iter().flat_map(|d| &d.keys) {
+        let tuple: Option<Vec<String>> = lookup
+            .key
+            .iter()
+            .zip(key)
+            .map(|(column, text)| key_literal(column, text))
+            .collect();
+        literals.push(tuple.ok_or_else(|| unchanged(lookup))?);
+    }
+    let rows = lookup
+        .sink
+        .latest_rows(lookup.table, &lookup.key, &lookup.columns, &literals)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The current values in Postgres of the rows of `keys`, by key text, in written order.
+async fn current(
+    keys: &[KeyText],
+    lookup: &Lookup<'_>,
+) -> Result<HashMap<KeyText, Vec<Option<String>>>, StreamError> {
+    let key: Vec<KeyColumn<'_>> = lookup
+        .key
+        .iter()
+        .map(|c| KeyColumn {
+            name: &c.name,
+            type_name: &c.type_name,
+        })
+        .collect();
+    let columns: Vec<&str> = lookup.columns.iter().map(|c| c.name.as_str()).collect();
+    Ok(current_rows(lookup.source, lookup.source_table, &key, &columns, keys).await?)
+}

@@ -1,0 +1,233 @@
+//! One harness for end-to-end scenarios: a `Stack` with real Postgres, ClickHouse, etcd and
+//! Ferry's services, a spec builder, `wait_state`, and value-by-value comparison of a source
+//! table with its destination view.
+
+use std::time::Duration;
+
+use clickhouse::Client;
+use ferry_proto::v1::pipe_service_client::PipeServiceClient;
+use ferry_proto::v1::{
+    ClickHouseDestination, CreatePipeRequest, GetPipeRequest, Pipe, PipeMode, PipeSettings,
+    PipeSpec, PipeState, PostgresSource, TableMapping, WorkerKind,
+};
+use ferry_testkit::clickhouse::ClickHouse;
+use ferry_testkit::etcd::Etcd;
+use ferry_testkit::ferry::{Ferry, Service};
+use ferry_testkit::postgres::Postgres;
+use ferry_testkit::wait;
+use tonic::transport::Channel;
+
+/// How long a scenario waits for any one state.
+pub const WITHIN: Duration = Duration::from_secs(90);
+
+/// Real servers plus one coordinator, one snapshot worker and one CDC worker.
+pub struct Stack {
+    pub pg: Postgres,
+    pub ch: ClickHouse,
+    pub etcd: Etcd,
+    pub ferry: Ferry,
+    pub coordinator: Service,
+    pub snapshot: Service,
+    pub cdc: Service,
+    pub db: tokio_postgres::Client,
+    pub clickhouse: Client,
+    pub client: PipeServiceClient<Channel>,
+}
+
+impl Stack {
+    /// Starts everything; `setup_sql` runs on the source first.
+    pub async fn start(setup_sql: &str) -> Self {
+        let pg = Postgres::start().await.unwrap();
+        let ch = ClickHouse::start().await.unwrap();
+        let etcd = Etcd::start().await.unwrap();
+        let db = pg.client("postgres").await.unwrap();
+        if !setup_sql.is_empty() {
+            db.batch_execute(setup_sql).await.unwrap();
+        }
+        let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
+        let coordinator = ferry.coordinator("c1").unwrap();
+        let snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
+        let cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
+        coordinator.wait_serving(WITHIN).await.unwrap();
+        let client = coordinator.pipe_client().await.unwrap();
+        let clickhouse = Client::default().with_url(ch.url());
+        Self {
+            pg,
+            ch,
+            etcd,
+            ferry,
+            coordinator,
+            snapshot,
+            cdc,
+            db,
+            clickhouse,
+            client,
+        }
+    }
+
+    /// A spec of pipe `name` copying `tables` into ClickHouse database `dest`, streaming with a
+    /// one-second sync interval.
+    pub fn spec(&self, name: &str, tables: &[&str], mode: PipeMode) -> PipeSpec {
+        PipeSpec {
+            name: name.into(),
+            source: Some(PostgresSource {
+                host: "127.0.0.1".into(),
+                port: u32::from(self.pg.port()),
+                database: "postgres".into(),
+                user: "postgres".into(),
+                ..Default::default()
+            }),
+            destination: Some(ClickHouseDestination {
+                url: self.ch.url(),
+                database: "dest".into(),
+                ..Default::default()
+            }),
+            tables: tables
+                .iter()
+                .map(|t| {
+                    let (schema, table) = t.split_once('.').unwrap_or(("", t));
+                    TableMapping {
+                        source_schema: schema.into(),
+                        source_table: table.into(),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+            mode: mode.into(),
+            settings: Some(PipeSettings {
+                sync_interval: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Creates the pipe of `spec` and waits until it streams (or completes).
+    pub async fn create(&mut self, spec: PipeSpec) -> Pipe {
+        let name = spec.name.clone();
+        let done = if spec.mode() == PipeMode::SnapshotOnly {
+            PipeState::Completed
+        } else {
+            PipeState::Running
+        };
+        self.client
+            .create_pipe(CreatePipeRequest {
+                spec: Some(spec),
+                secrets: None,
+            })
+            .await
+            .unwrap();
+        self.wait_state(&name, done).await
+    }
+
+    /// The pipe as the API shows it.
+    pub async fn pipe(&self, name: &str) -> Option<Pipe> {
+        self.client
+            .clone()
+            .get_pipe(GetPipeRequest { name: name.into() })
+            .await
+            .ok()?
+            .into_inner()
+            .pipe
+    }
+
+    /// Waits until pipe `name` is in `state`; panics (at the caller's line) if it fails
+    /// instead or the deadline passes.
+    #[track_caller]
+    pub fn wait_state(
+        &self,
+        name: &str,
+        state: PipeState,
+    ) -> impl std::future::Future<Output = Pipe> + '_ {
+        let caller = std::panic::Location::caller();
+        let name = name.to_owned();
+        async move {
+            let reached = wait::until(WITHIN, || async {
+                let pipe = self.pipe(&name).await?;
+                let status = pipe.status.clone()?;
+                if status.state() == PipeState::Failed && state != PipeState::Failed {
+                    panic!("{caller}: pipe {name} failed: {:?}", status.error);
+                }
+                (status.state() == state).then_some(pipe)
+            })
+            .await;
+            match reached {
+                Some(pipe) => pipe,
+                None => {
+                    let last = self.pipe(&name).await.and_then(|p| p.status);
+                    panic!("{caller}: pipe {name} never reached {state:?}; last: {last:?}")
+                }
+            }
+        }
+    }
+
+    /// Rows of a Postgres query, every column selected as text, sorted.
+    pub async fn pg_rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        let mut rows: Vec<Vec<Option<String>>> = self
+            .db
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (0..row.len()).map(|i| row.get(i)).collect())
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// Rows of a ClickHouse query, every column selected as a Nullable(String), sorted.
+    pub async fn ch_rows(&self, sql: &str) -> Option<Vec<Vec<Option<String>>>> {
+        let bytes = self
+            .clickhouse
+            .query(&format!("{sql} FORMAT JSONCompactEachRow"))
+            .fetch_bytes("JSONCompactEachRow")
+            .ok()?
+            .collect()
+            .await
+            .ok()?;
+        let mut rows: Vec<Vec<Option<String>>> = String::from_utf8(bytes.to_vec())
+            .ok()?
+            .lines()
+            .map(super::json_strings)
+            .collect();
+        rows.sort();
+        Some(rows)
+    }
+
+    /// Waits until `clickhouse` (a query of the destination) gives the rows `postgres` does,
+    /// value by value; panics with both sides if it never does.
+    #[track_caller]
+    pub fn converge<'a>(
+        &'a self,
+        postgres: &'a str,
+        clickhouse: &'a str,
+    ) -> impl std::future::Future<Output = ()> + 'a {
+        let caller = std::panic::Location::caller();
+        async move {
+            let expected = self.pg_rows(postgres).await;
+            let reached = wait::until(WITHIN, || async {
+                (self.ch_rows(clickhouse).await? == expected).then_some(())
+            })
+            .await;
+            if reached.is_none() {
+                let got = self.ch_rows(clickhouse).await;
+                panic!(
+                    "{caller}: clickhouse never matched postgres\n postgres:   {expected:?}\n clickhouse: {got:?}"
+                );
+            }
+        }
+    }
+
+    /// Kills the CDC worker with SIGKILL and starts another one, `id`.
+    pub fn replace_cdc(&mut self, id: &str) {
+        self.cdc.process().kill9();
+        self.cdc = self.ferry.worker(WorkerKind::Cdc, id).unwrap();
+    }
+
+    /// The log of every service so far.
+    pub fn logs(&self) -> String {
+        self.ferry.all_logs()
+    }
+}
