@@ -19,7 +19,7 @@ use ferry_clickhouse::types::{MappingOptions, ValueKind, column_type, value_kind
 use ferry_clickhouse::version;
 use ferry_postgres::lookup::{KeyText, missing_value};
 use ferry_postgres::pgoutput::{OldTuple, RelationColumn, Tuple, Value};
-use ferry_postgres::schema::describe_table;
+use ferry_postgres::schema::describe_relation;
 use ferry_postgres::snapshot::Visibility;
 use ferry_proto::v1::{ColumnSchema, ReplicaIdentity, TableChanges, TableSchema, TableState};
 use ferry_store::Store;
@@ -215,7 +215,7 @@ impl TableBatch {
         }
         // Rows already buffered were encoded for the old columns.
         self.write(ctx).await?;
-        let described = describe_table(ctx.source, announced.namespace, announced.name).await?;
+        let described = describe_relation(ctx.source, self.schema.relation_oid).await?;
         for column in &self.schema.columns {
             let Some(now) = described.columns.iter().find(|d| d.name == column.name) else {
                 continue;
@@ -376,12 +376,7 @@ impl TableBatch {
         }
         // Buffered rows are encoded for the NOT NULL type.
         self.write(ctx).await?;
-        let described = describe_table(
-            ctx.source,
-            &self.schema.source_schema,
-            &self.schema.source_table,
-        )
-        .await?;
+        let described = describe_relation(ctx.source, self.schema.relation_oid).await?;
         for i in refused {
             let column = &mut self.schema.columns[i];
             let nullable_now = described

@@ -69,6 +69,24 @@ impl TypeResolver<'_> {
     }
 }
 
+/// Describes the table with oid `relation` under the name it has now (a stream following a
+/// table by oid may hold a name the table no longer has).
+pub async fn describe_relation(client: &Client, relation: u32) -> Result<TableSchema, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&relation],
+        )
+        .await
+        .map_err(query_error("table lookup"))?
+        .ok_or_else(|| SourceError::TableMissing {
+            table: format!("relation {relation}"),
+        })?;
+    let (schema, table): (String, String) = (row.get(0), row.get(1));
+    describe_table(client, &schema, &table).await
+}
+
 /// Describes `schema.table`.
 pub async fn describe_table(
     client: &Client,

@@ -30,8 +30,10 @@ pub struct LogArgs {
 /// Installs the global subscriber. Logs go to stderr so stdout stays free for output.
 pub fn init(args: &LogArgs) {
     let filter = EnvFilter::try_new(&args.filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or pipeline gets plain `field=value` text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match args.format {
         LogFormat::Text => builder.init(),

@@ -213,8 +213,14 @@ impl Stack {
             .await;
             if reached.is_none() {
                 let got = self.ch_rows(clickhouse).await;
+                let logs = self.logs();
+                let problems: Vec<&str> = logs
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .collect();
                 panic!(
-                    "{caller}: clickhouse never matched postgres\n postgres:   {expected:?}\n clickhouse: {got:?}"
+                    "{caller}: clickhouse never matched postgres\n postgres:   {expected:?}\n clickhouse: {got:?}\n warnings: {}",
+                    problems[problems.len().saturating_sub(10)..].join("\n")
                 );
             }
         }
