@@ -5,14 +5,18 @@
 //!   table existence, SELECT privilege, row identity, publication), each failing with the exact
 //!   SQL a user runs to fix it.
 //! - [`schema`]: the source table definitions Setup records.
+//! - [`identity`]: the replica identity and the columns that key a row.
 
 pub mod connection;
 pub mod copy;
 mod error;
+pub mod identity;
 pub mod pgoutput;
+mod publication;
 pub mod replication;
 pub mod schema;
 pub mod snapshot;
 pub mod validate;
 
 pub use error::SourceError;
+pub use identity::replica_identity_key;
