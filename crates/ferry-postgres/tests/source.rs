@@ -544,6 +544,44 @@ async fn unusable_identities_are_refused_and_their_remedies_work() {
         .await
         .unwrap();
     check("public.dropped").await.unwrap();
+
+    // What else would make an identity index unusable, Postgres refuses itself: choosing a
+    // non-unique, partial, deferrable, nullable or expression index, and later making an
+    // identity column nullable. (Setup checks all of it anyway.)
+    db.batch_execute(
+        "CREATE TABLE x (id int PRIMARY KEY, a int, b int NOT NULL, c int NOT NULL);
+         CREATE INDEX x_plain ON x (b);
+         CREATE UNIQUE INDEX x_partial ON x (b) WHERE b > 0;
+         ALTER TABLE x ADD CONSTRAINT x_deferrable UNIQUE (c) DEFERRABLE;
+         CREATE UNIQUE INDEX x_nullable ON x (a);
+         CREATE UNIQUE INDEX x_expression ON x ((b + 1));
+         CREATE UNIQUE INDEX x_good ON x (b);",
+    )
+    .await
+    .unwrap();
+    for index in [
+        "x_plain",
+        "x_partial",
+        "x_deferrable",
+        "x_nullable",
+        "x_expression",
+    ] {
+        let refused = db
+            .batch_execute(&format!(
+                "ALTER TABLE x REPLICA IDENTITY USING INDEX {index}"
+            ))
+            .await;
+        assert!(refused.is_err(), "{index} was accepted as replica identity");
+    }
+    db.batch_execute("ALTER TABLE x REPLICA IDENTITY USING INDEX x_good")
+        .await
+        .unwrap();
+    assert!(
+        db.batch_execute("ALTER TABLE x ALTER b DROP NOT NULL")
+            .await
+            .is_err()
+    );
+    check("public.x").await.unwrap();
 }
 
 #[tokio::test]
