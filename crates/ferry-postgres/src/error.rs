@@ -91,6 +91,28 @@ pub enum SourceError {
         /// DEFAULT or NOTHING.
         identity: &'static str,
     },
+    /// Replica identity DEFAULT over a DEFERRABLE primary key, which Postgres does not accept
+    /// as an identity: once the table is published, its UPDATEs and DELETEs fail on the source.
+    #[error(
+        "the primary key of {table} is DEFERRABLE, which Postgres does not accept as a replica identity: \
+         once published, UPDATE and DELETE on the table would fail"
+    )]
+    DeferrablePrimaryKey {
+        /// schema.table.
+        table: String,
+        /// The primary key's columns, in key order.
+        columns: Vec<String>,
+    },
+    /// The index the replica identity relies on cannot identify rows.
+    #[error("the replica identity of {table} is unusable: {reason}")]
+    UnusableIdentityIndex {
+        /// schema.table.
+        table: String,
+        /// What is wrong with it.
+        reason: String,
+        /// Whether a usable primary key exists (REPLICA IDENTITY DEFAULT would then do).
+        primary_key: bool,
+    },
     /// A partition of a partitioned table is not a plain table (a foreign table, say).
     #[error("partition {partition} of {table} is not a plain table")]
     UnsupportedPartition {
@@ -122,6 +144,38 @@ pub enum SourceError {
     PublicationMissing {
         /// Its name.
         publication: String,
+    },
+    /// A named publication leaves out some kinds of change, which would be silently lost.
+    #[error("publication {publication} does not publish {}: those changes of {table} would be lost", missing.join(", "))]
+    PublicationOmitsChanges {
+        /// Its name.
+        publication: String,
+        /// schema.table (the first of the pipe's tables).
+        table: String,
+        /// insert, update, delete, truncate: the ones it leaves out.
+        missing: Vec<&'static str>,
+    },
+    /// A named publication publishes a table through a row filter (PG15 `WHERE`): rows
+    /// outside it, and updates moving rows out of it, would be lost.
+    #[error("publication {publication} publishes {table} only WHERE {filter}")]
+    PublicationRowFilter {
+        /// Its name.
+        publication: String,
+        /// schema.table.
+        table: String,
+        /// The filter expression.
+        filter: String,
+    },
+    /// A named publication publishes only some columns of a table (PG15 column list): the
+    /// others would arrive as NULL.
+    #[error("publication {publication} does not publish column(s) {} of {table}", missing.join(", "))]
+    PublicationColumnList {
+        /// Its name.
+        publication: String,
+        /// schema.table.
+        table: String,
+        /// The table's columns outside the list.
+        missing: Vec<String>,
     },
     /// A named publication does not publish a table of the pipe.
     #[error("publication {publication} does not publish {table}")]
@@ -155,6 +209,15 @@ pub(crate) fn quoted_table(table: &str) -> String {
     }
 }
 
+/// SQL that republishes `table` in `publication` without a row filter or column list. DROP and
+/// ADD rather than `SET TABLE`, which would also remove the publication's other tables.
+fn republish(publication: &str, table: &str) -> String {
+    let (publication, table) = (Ident(publication), quoted_table(table));
+    format!(
+        "BEGIN; ALTER PUBLICATION {publication} DROP TABLE {table}; ALTER PUBLICATION {publication} ADD TABLE {table}; COMMIT;"
+    )
+}
+
 impl SourceError {
     /// What the user should do.
     pub fn remedy(&self) -> String {
@@ -171,10 +234,35 @@ impl SourceError {
             Self::TableMissing { .. } => "create the table, or remove it from spec.tables".into(),
             Self::NoSelect { table, user } => format!("run GRANT SELECT ON {} TO {};", quoted_table(table), Ident(user)),
             Self::NoRowIdentity { table, .. } => format!("add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL; (or USING INDEX on a unique, non-null index)", quoted_table(table)),
+            Self::DeferrablePrimaryKey { table, columns } => {
+                let index = format!("{}_ferry_key", table.split_once('.').map_or(table.as_str(), |(_, t)| t));
+                let columns = columns.iter().map(|c| Ident(c).to_string()).collect::<Vec<_>>().join(", ");
+                format!(
+                    "give the table a non-deferrable identity: run CREATE UNIQUE INDEX CONCURRENTLY {index} ON {table} ({columns}); ALTER TABLE {table} REPLICA IDENTITY USING INDEX {index}; \
+                     or run ALTER TABLE {table} REPLICA IDENTITY FULL; (ClickHouse then keys rows by every column, since a deferrable key may repeat inside a transaction)",
+                    index = Ident(&index),
+                    table = quoted_table(table),
+                )
+            }
+            Self::UnusableIdentityIndex { table, primary_key, .. } => {
+                let table = quoted_table(table);
+                let default = if *primary_key { format!("run ALTER TABLE {table} REPLICA IDENTITY DEFAULT; (the primary key), or ") } else { String::new() };
+                format!("{default}run ALTER TABLE {table} REPLICA IDENTITY FULL;, or ALTER TABLE {table} REPLICA IDENTITY USING INDEX naming a unique, valid, non-partial, non-deferrable index over NOT NULL columns")
+            }
             Self::UnsupportedPartition { partition, .. } => format!("detach {partition} or replicate its plain partitions as separate tables"),
             Self::NotOwner { table, .. } => format!("run Ferry as the owner of {table}, or create a publication yourself (CREATE PUBLICATION ... FOR TABLE {} WITH (publish_via_partition_root = true);) and name it in spec.source.publication", quoted_table(table)),
             Self::PublicationNotViaRoot { publication, .. } => format!("run ALTER PUBLICATION {} SET (publish_via_partition_root = true);", Ident(publication)),
             Self::PublicationMissing { publication } => format!("create it (CREATE PUBLICATION {} FOR TABLE ...;) or leave spec.source.publication empty so Ferry manages one", Ident(publication)),
+            Self::PublicationOmitsChanges { publication, .. } => format!("run ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');", Ident(publication)),
+            Self::PublicationRowFilter { publication, table, .. } => format!(
+                "publish every row: run {}",
+                republish(publication, table)
+            ),
+            Self::PublicationColumnList { publication, table, missing } => format!(
+                "publish every column (also {}): run {}",
+                missing.join(", "),
+                republish(publication, table)
+            ),
             Self::PublicationLacksTable { publication, table } => format!("run ALTER PUBLICATION {} ADD TABLE {};", Ident(publication), quoted_table(table)),
         }
     }
@@ -188,7 +276,12 @@ impl SourceError {
             | Self::NotOwner { table, .. }
             | Self::PublicationNotViaRoot { table, .. }
             | Self::NoRowIdentity { table, .. }
-            | Self::PublicationLacksTable { table, .. } => Some(table),
+            | Self::PublicationLacksTable { table, .. }
+            | Self::DeferrablePrimaryKey { table, .. }
+            | Self::UnusableIdentityIndex { table, .. }
+            | Self::PublicationOmitsChanges { table, .. }
+            | Self::PublicationRowFilter { table, .. }
+            | Self::PublicationColumnList { table, .. } => Some(table),
             _ => None,
         }
     }

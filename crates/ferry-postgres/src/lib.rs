@@ -5,16 +5,20 @@
 //!   table existence, SELECT privilege, row identity, publication), each failing with the exact
 //!   SQL a user runs to fix it.
 //! - [`schema`]: the source table definitions Setup records.
+//! - [`identity`]: the replica identity and the columns that key a row.
 //! - [`lookup`]: rows read back by key (unchanged TOAST values), columns' missing values.
 
 pub mod connection;
 pub mod copy;
 mod error;
+pub mod identity;
 pub mod lookup;
 pub mod pgoutput;
+mod publication;
 pub mod replication;
 pub mod schema;
 pub mod snapshot;
 pub mod validate;
 
 pub use error::SourceError;
+pub use identity::replica_identity_key;

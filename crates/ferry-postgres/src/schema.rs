@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use ferry_proto::v1::{ColumnSchema, ReplicaIdentity, TableSchema};
+use ferry_proto::v1::{ColumnSchema, TableSchema};
 use tokio_postgres::Client;
 
-use crate::SourceError;
 use crate::error::query_error;
+use crate::{SourceError, identity};
 
 /// What a type oid resolves to once domains are looked through.
 #[derive(Debug, Clone)]
@@ -96,7 +96,7 @@ pub async fn describe_table(
     let qualified = format!("{schema}.{table}");
     let row = client
         .query_opt(
-            "SELECT c.oid, c.relreplident::text, c.relkind = 'p' \
+            "SELECT c.oid, c.relkind = 'p' \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &table],
@@ -106,36 +106,11 @@ pub async fn describe_table(
         .ok_or_else(|| SourceError::TableMissing {
             table: qualified.clone(),
         })?;
-    let (relation_oid, identity, partitioned): (u32, String, bool) =
-        (row.get(0), row.get(1), row.get(2));
-    let replica_identity = match identity.as_str() {
-        "d" => ReplicaIdentity::Default,
-        "f" => ReplicaIdentity::Full,
-        "i" => ReplicaIdentity::Index,
-        _ => ReplicaIdentity::Nothing,
-    };
-
-    // The row key: the primary key, else the replica identity index — one index, never a mix.
-    let key_rows = client
-        .query(
-            "SELECT a.attname, k.ord::int8 FROM pg_index i \
-             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indexrelid = ( \
-               SELECT indexrelid FROM pg_index WHERE indrelid = $1 AND (indisprimary OR indisreplident) \
-               ORDER BY indisprimary DESC LIMIT 1) \
-             ORDER BY k.ord",
-            &[&relation_oid],
-        )
-        .await
-        .map_err(query_error("key columns"))?;
-    let mut key: HashMap<String, u32> = HashMap::new();
-    for row in &key_rows {
-        let name: String = row.get(0);
-        let position: i64 = row.get(1);
-        key.entry(name)
-            .or_insert(u32::try_from(position).unwrap_or(0));
-    }
+    let (relation_oid, partitioned): (u32, bool) = (row.get(0), row.get(1));
+    // The row key: the columns the replica identity sends (see `identity::Identity::key`).
+    let replica = identity::identity(client, relation_oid).await?;
+    let replica_identity = replica.kind;
+    let key: HashMap<String, u32> = replica.key().into_iter().zip(1..).collect();
 
     let column_rows = client
         .query(

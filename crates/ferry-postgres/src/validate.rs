@@ -6,8 +6,9 @@ use ferry_core::spec::source_table_name;
 use ferry_proto::v1::PipeSpec;
 use tokio_postgres::Client;
 
-use crate::SourceError;
 use crate::error::query_error;
+use crate::identity::{self, Identity};
+use crate::{SourceError, publication};
 
 /// Checks everything Setup needs from the source for `spec`. `slot` is the replication slot
 /// the pipe uses: if it already exists (Setup re-run after a crash) it needs no free slot.
@@ -29,7 +30,7 @@ pub async fn check_source(client: &Client, spec: &PipeSpec, slot: &str) -> Resul
         .await?;
     }
     if replicates && !source.publication.is_empty() {
-        check_publication(client, &source.publication, spec).await?;
+        publication::check_publication(client, &source.publication, spec).await?;
     }
     Ok(())
 }
@@ -80,9 +81,7 @@ async fn check_table(
     let (schema, name) = table.split_once('.').unwrap_or(("public", table));
     let row = client
         .query_opt(
-            "SELECT has_table_privilege(c.oid, 'SELECT'), c.relreplident::text, \
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
-                    pg_has_role(c.relowner, 'USAGE'), c.oid \
+            "SELECT has_table_privilege(c.oid, 'SELECT'), pg_has_role(c.relowner, 'USAGE'), c.oid \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &name],
@@ -94,8 +93,7 @@ async fn check_table(
             table: table.to_owned(),
         });
     };
-    let (can_select, identity, has_pk): (bool, String, bool) = (row.get(0), row.get(1), row.get(2));
-    let (owns, oid): (bool, u32) = (row.get(3), row.get(4));
+    let (can_select, owns, oid): (bool, bool, u32) = (row.get(0), row.get(1), row.get(2));
     if !can_select {
         return Err(SourceError::NoSelect {
             table: table.to_owned(),
@@ -136,83 +134,49 @@ async fn check_table(
         });
     }
     if replicates {
-        let usable = match identity.as_str() {
-            "f" | "i" => true,
-            "d" => has_pk,
-            _ => false,
-        };
-        if !usable {
-            return Err(SourceError::NoRowIdentity {
-                table: table.to_owned(),
-                identity: if identity == "n" {
-                    "NOTHING"
-                } else {
-                    "DEFAULT"
-                },
-            });
-        }
+        check_identity(table, &identity::identity(client, oid).await?)?;
     }
     Ok(())
 }
 
-async fn check_publication(
-    client: &Client,
-    publication: &str,
-    spec: &PipeSpec,
-) -> Result<(), SourceError> {
-    let exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&publication],
-        )
-        .await
-        .map_err(query_error("publication lookup"))?
-        .get(0);
-    if !exists {
-        return Err(SourceError::PublicationMissing {
-            publication: publication.to_owned(),
-        });
-    }
-    let via_root: bool = client
-        .query_one(
-            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(query_error("publication lookup"))?
-        .get(0);
-    for table in &spec.tables {
-        let partitioned: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind = 'p')",
-                &[&table.source_schema, &table.source_table],
-            )
-            .await
-            .map_err(query_error("table lookup"))?
-            .get(0);
-        // Without publish_via_partition_root, changes arrive under leaf names, not the table's.
-        if partitioned && !via_root {
-            return Err(SourceError::PublicationNotViaRoot {
-                publication: publication.to_owned(),
-                table: source_table_name(table),
-            });
-        }
-        let published: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_publication_tables \
-                 WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)",
-                &[&publication, &table.source_schema, &table.source_table],
-            )
-            .await
-            .map_err(query_error("publication tables"))?
-            .get(0);
-        if !published {
-            return Err(SourceError::PublicationLacksTable {
-                publication: publication.to_owned(),
-                table: source_table_name(table),
-            });
+/// Refuses a table whose UPDATEs and DELETEs Postgres cannot identify: Ferry could not key
+/// them, and once the table is published the source itself refuses them.
+fn check_identity(table: &str, identity: &Identity) -> Result<(), SourceError> {
+    use ferry_proto::v1::ReplicaIdentity;
+    let unusable = |reason: String| SourceError::UnusableIdentityIndex {
+        table: table.to_owned(),
+        reason,
+        primary_key: identity
+            .primary
+            .as_ref()
+            .is_some_and(|pk| pk.problem().is_none()),
+    };
+    match identity.kind {
+        ReplicaIdentity::Full => Ok(()),
+        ReplicaIdentity::Default => match &identity.primary {
+            None => Err(SourceError::NoRowIdentity {
+                table: table.to_owned(),
+                identity: "DEFAULT",
+            }),
+            Some(pk) if !pk.immediate => Err(SourceError::DeferrablePrimaryKey {
+                table: table.to_owned(),
+                columns: pk.columns.iter().filter_map(|(c, _)| c.clone()).collect(),
+            }),
+            Some(pk) => pk.problem().map_or(Ok(()), |reason| Err(unusable(reason))),
+        },
+        // Postgres enforces most of this when the index is chosen; it can still be dropped
+        // (then Postgres sends no key at all) or, for some properties, changed later.
+        ReplicaIdentity::Index => match &identity.index {
+            None => Err(unusable(
+                "REPLICA IDENTITY USING INDEX names an index that was dropped, so Postgres sends no old key".into(),
+            )),
+            Some(index) => index.problem().map_or(Ok(()), |reason| Err(unusable(reason))),
+        },
+        ReplicaIdentity::Nothing | ReplicaIdentity::Unspecified => {
+            Err(SourceError::NoRowIdentity {
+                table: table.to_owned(),
+                identity: "NOTHING",
+            })
         }
     }
-    Ok(())
 }

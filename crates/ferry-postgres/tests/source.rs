@@ -2,10 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use ferry_postgres::SourceError;
 use ferry_postgres::connection::connect;
 use ferry_postgres::schema::describe_table;
 use ferry_postgres::validate::check_source;
+use ferry_postgres::{SourceError, replica_identity_key};
 use ferry_proto::v1::{PipeMode, PipeSpec, PostgresSource, ReplicaIdentity, TableMapping};
 use ferry_testkit::postgres::Postgres;
 
@@ -286,7 +286,7 @@ async fn tables_are_described_with_types_keys_and_estimates() {
     assert_eq!(t.estimated_rows, 1000);
     assert!(t.pages > 0 && !t.partitioned);
 
-    // The key is one index: the primary key when there is one, else the identity index.
+    // The key is what the replica identity sends: the identity index, even with a primary key.
     let both = describe_table(&client, "public", "both_keys")
         .await
         .unwrap();
@@ -295,7 +295,7 @@ async fn tables_are_described_with_types_keys_and_estimates() {
         .iter()
         .map(|c| (c.name.as_str(), c.key_position))
         .collect();
-    assert_eq!(keys, [("a", 1), ("b", 0)]);
+    assert_eq!(keys, [("a", 0), ("b", 1)]);
     let ident = describe_table(&client, "public", "ident_only")
         .await
         .unwrap();
@@ -401,4 +401,189 @@ async fn slot_and_publication_setup_is_idempotent_and_drops_cleanly() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn the_row_key_follows_the_replica_identity() {
+    let pg = Postgres::start().await.unwrap();
+    let db = admin(&pg).await;
+    db.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, code text NOT NULL, b int NOT NULL, v text);
+         CREATE UNIQUE INDEX code_idx ON t (b, code) INCLUDE (v);",
+    )
+    .await
+    .unwrap();
+    let client = connect(&source(&pg, "postgres"), "").await.unwrap();
+    let oid: u32 = db
+        .query_one("SELECT 't'::regclass::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let key = |sql: &'static str| {
+        let (db, client) = (&db, &client);
+        async move {
+            db.batch_execute(sql).await.unwrap();
+            let (identity, key) = replica_identity_key(client, oid).await.unwrap();
+            let described = describe_table(client, "public", "t").await.unwrap();
+            let mut recorded: Vec<_> = described
+                .columns
+                .iter()
+                .filter(|c| c.key_position > 0)
+                .collect();
+            recorded.sort_by_key(|c| c.key_position);
+            let recorded: Vec<String> = recorded.iter().map(|c| c.name.clone()).collect();
+            assert_eq!(
+                recorded, key,
+                "describe_table and replica_identity_key agree"
+            );
+            assert_eq!(described.replica_identity(), identity);
+            (identity, key)
+        }
+    };
+    assert_eq!(
+        key("SELECT 1").await,
+        (ReplicaIdentity::Default, vec!["id".to_owned()])
+    );
+    // The index's key columns in index order; its INCLUDE column is not sent.
+    assert_eq!(
+        key("ALTER TABLE t REPLICA IDENTITY USING INDEX code_idx").await,
+        (
+            ReplicaIdentity::Index,
+            vec!["b".to_owned(), "code".to_owned()]
+        )
+    );
+    // A dropped identity index: Postgres sends no old key, whatever the primary key.
+    assert_eq!(
+        key("DROP INDEX code_idx").await,
+        (ReplicaIdentity::Index, vec![])
+    );
+    assert_eq!(
+        key("ALTER TABLE t REPLICA IDENTITY FULL").await,
+        (ReplicaIdentity::Full, vec!["id".to_owned()])
+    );
+    assert_eq!(
+        key("ALTER TABLE t DROP CONSTRAINT t_pkey").await,
+        (ReplicaIdentity::Full, vec![])
+    );
+    assert_eq!(
+        key("ALTER TABLE t REPLICA IDENTITY NOTHING").await,
+        (ReplicaIdentity::Nothing, vec![])
+    );
+    // A deferrable primary key is no identity to Postgres, and no key to Ferry.
+    assert_eq!(
+        key("ALTER TABLE t REPLICA IDENTITY DEFAULT; \
+             ALTER TABLE t ADD PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED")
+        .await,
+        (ReplicaIdentity::Default, vec![])
+    );
+    let err = replica_identity_key(&client, 1).await.unwrap_err();
+    assert!(matches!(err, SourceError::Catalog { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn unusable_identities_are_refused_and_their_remedies_work() {
+    let pg = Postgres::start().await.unwrap();
+    let db = admin(&pg).await;
+    db.batch_execute(
+        "CREATE TABLE deferred (id int PRIMARY KEY DEFERRABLE, v text);
+         CREATE TABLE dropped (id int PRIMARY KEY, code int NOT NULL);
+         CREATE UNIQUE INDEX dropped_code ON dropped (code);
+         ALTER TABLE dropped REPLICA IDENTITY USING INDEX dropped_code;
+         DROP INDEX dropped_code;",
+    )
+    .await
+    .unwrap();
+    let client = connect(&source(&pg, "postgres"), "").await.unwrap();
+    let check = |table: &'static str| {
+        let (pg, client) = (&pg, &client);
+        async move { check_source(client, &spec(pg, "postgres", &[table]), "ferry_p").await }
+    };
+
+    let err = check("public.deferred").await.unwrap_err();
+    assert!(
+        matches!(err, SourceError::DeferrablePrimaryKey { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.table(), Some("public.deferred"));
+    let remedy = err.remedy();
+    assert!(
+        remedy.contains(
+            "CREATE UNIQUE INDEX CONCURRENTLY \"deferred_ferry_key\" ON \"public\".\"deferred\" (\"id\"); \
+             ALTER TABLE \"public\".\"deferred\" REPLICA IDENTITY USING INDEX \"deferred_ferry_key\";"
+        ),
+        "{remedy}"
+    );
+    assert!(
+        remedy.contains("ALTER TABLE \"public\".\"deferred\" REPLICA IDENTITY FULL;"),
+        "{remedy}"
+    );
+    // The remedy's SQL runs as written and makes the table acceptable.
+    let sql = remedy
+        .split_once("run ")
+        .unwrap()
+        .1
+        .split_once(" or run")
+        .unwrap()
+        .0;
+    for statement in sql.split("; ").filter(|s| !s.is_empty()) {
+        db.batch_execute(statement).await.unwrap();
+    }
+    check("public.deferred").await.unwrap();
+    let described = describe_table(&client, "public", "deferred").await.unwrap();
+    assert_eq!(described.columns[0].key_position, 1);
+
+    let err = check("public.dropped").await.unwrap_err();
+    assert!(
+        matches!(err, SourceError::UnusableIdentityIndex { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("dropped"), "{err}");
+    assert!(
+        err.remedy()
+            .starts_with("run ALTER TABLE \"public\".\"dropped\" REPLICA IDENTITY DEFAULT;"),
+        "{}",
+        err.remedy()
+    );
+    db.batch_execute("ALTER TABLE public.dropped REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    check("public.dropped").await.unwrap();
+
+    // What else would make an identity index unusable, Postgres refuses itself: choosing a
+    // non-unique, partial, deferrable, nullable or expression index, and later making an
+    // identity column nullable. (Setup checks all of it anyway.)
+    db.batch_execute(
+        "CREATE TABLE x (id int PRIMARY KEY, a int, b int NOT NULL, c int NOT NULL);
+         CREATE INDEX x_plain ON x (b);
+         CREATE UNIQUE INDEX x_partial ON x (b) WHERE b > 0;
+         ALTER TABLE x ADD CONSTRAINT x_deferrable UNIQUE (c) DEFERRABLE;
+         CREATE UNIQUE INDEX x_nullable ON x (a);
+         CREATE UNIQUE INDEX x_expression ON x ((b + 1));
+         CREATE UNIQUE INDEX x_good ON x (b);",
+    )
+    .await
+    .unwrap();
+    for index in [
+        "x_plain",
+        "x_partial",
+        "x_deferrable",
+        "x_nullable",
+        "x_expression",
+    ] {
+        let refused = db
+            .batch_execute(&format!(
+                "ALTER TABLE x REPLICA IDENTITY USING INDEX {index}"
+            ))
+            .await;
+        assert!(refused.is_err(), "{index} was accepted as replica identity");
+    }
+    db.batch_execute("ALTER TABLE x REPLICA IDENTITY USING INDEX x_good")
+        .await
+        .unwrap();
+    assert!(
+        db.batch_execute("ALTER TABLE x ALTER b DROP NOT NULL")
+            .await
+            .is_err()
+    );
+    check("public.x").await.unwrap();
 }
