@@ -6,9 +6,12 @@
 //! - [`ddl`]: destination tables (`ReplacingMergeTree(_ferry_version, _ferry_is_deleted)`
 //!   ordered by the source's row key, plus Ferry's metadata columns).
 
+pub mod compare;
 pub mod ddl;
 mod decimal;
+pub mod rowbinary;
 pub mod sink;
+pub mod state;
 mod text;
 pub mod transcode;
 pub mod types;

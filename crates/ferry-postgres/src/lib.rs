@@ -7,6 +7,7 @@
 //! - [`schema`]: the source table definitions Setup records.
 
 pub mod connection;
+pub mod consistent;
 pub mod copy;
 mod error;
 pub mod pgoutput;
