@@ -413,7 +413,7 @@ mod tests {
             Some(&uuid),
         ];
         transcoder
-            .write_row(values.into_iter(), 7, false, &mut out)
+            .write_row(values, 7, false, &mut out)
             .unwrap();
         let mut splitter = RowSplitter::for_columns(&columns, options);
         let len = splitter.split(&out).unwrap().unwrap();
