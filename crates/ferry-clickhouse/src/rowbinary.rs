@@ -412,9 +412,7 @@ mod tests {
             Some(&array),
             Some(&uuid),
         ];
-        transcoder
-            .write_row(values, 7, false, &mut out)
-            .unwrap();
+        transcoder.write_row(values, 7, false, &mut out).unwrap();
         let mut splitter = RowSplitter::for_columns(&columns, options);
         let len = splitter.split(&out).unwrap().unwrap();
         // Everything after the source columns is Ferry's version and delete flag.

@@ -282,3 +282,44 @@ pub(crate) fn show_example(schema: &TableSchema, bytes: &[u8], copies: u64) -> S
         shown
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn column(name: &str, type_oid: u32, nullable: bool, key_position: u32) -> ColumnSchema {
+        ColumnSchema {
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+            nullable,
+            type_kind: "b".into(),
+            key_position,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn examples_show_key_columns_in_key_order_or_whole_rows() {
+        let keyed = TableSchema {
+            columns: vec![
+                column("note", 25, true, 0),
+                column("shop", 25, false, 2),
+                column("id", 20, false, 1),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(key_columns(&keyed), [2, 1]);
+        let mut key = 42i64.to_le_bytes().to_vec();
+        key.extend_from_slice(&[2, b'e', b'u']);
+        assert_eq!(show_example(&keyed, &key, 1), "id=42, shop=eu");
+        let bag = TableSchema {
+            columns: vec![column("a", 23, false, 0), column("b", 25, true, 0)],
+            ..Default::default()
+        };
+        assert!(keyless(&bag));
+        let mut row = 1i32.to_le_bytes().to_vec();
+        row.push(1); // NULL
+        assert_eq!(show_example(&bag, &row, 3), "a=1, b=NULL (3 copies)");
+    }
+}
