@@ -1,6 +1,7 @@
 //! `ferry`: create, inspect and steer pipes through a coordinator's `PipeService`.
 
 mod render;
+mod verify;
 
 use std::time::Duration;
 
@@ -67,6 +68,17 @@ enum Command {
     },
     /// Delete a pipe.
     Delete { name: String },
+    /// Compare every value of the pipe's tables between Postgres and ClickHouse, at a
+    /// consistent point. Exits 0 when equal, 1 on any difference (or error).
+    Verify {
+        name: String,
+        /// Only these tables (schema.table, or table for public.table); repeat for more.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Seconds a running pipe's checkpoint may take to catch up with the snapshot.
+        #[arg(long)]
+        checkpoint_timeout: Option<u64>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -321,6 +333,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?;
             render::pipe(r.get_ref().pipe.as_ref());
+        }
+        Command::Verify {
+            name,
+            tables,
+            checkpoint_timeout,
+        } => {
+            let tables = tables.iter().map(|t| qualified(t)).collect();
+            if !verify::run(&mut client, name, tables, checkpoint_timeout).await? {
+                std::process::exit(1);
+            }
         }
         Command::Delete { name } => {
             let r = client.delete_pipe(DeletePipeRequest { name }).await?;

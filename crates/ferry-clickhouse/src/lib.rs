@@ -8,10 +8,13 @@
 //!   multisets) and the `<table>_current` views.
 //! - [`version`]: commit-ordered `_ferry_version`s.
 
+pub mod compare;
 pub mod ddl;
 mod decimal;
 pub mod lookup;
+pub mod rowbinary;
 pub mod sink;
+pub mod state;
 mod text;
 pub mod transcode;
 pub mod types;

@@ -107,7 +107,17 @@ impl Sink {
         }
     }
 
-    fn classify(&self, what: &str, source: clickhouse::error::Error) -> SinkError {
+    /// The client, for the other modules of the crate (the verification reads).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The destination database.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    pub(crate) fn classify(&self, what: &str, source: clickhouse::error::Error) -> SinkError {
         let text = source.to_string();
         if text.contains("Code: 516") || text.contains("AUTHENTICATION_FAILED") {
             SinkError::AuthFailed {

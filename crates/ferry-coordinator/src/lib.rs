@@ -12,3 +12,4 @@ pub mod leadership;
 pub mod reconcile;
 mod setup;
 mod snapshot;
+mod verify;

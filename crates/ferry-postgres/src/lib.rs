@@ -9,6 +9,7 @@
 //! - [`lookup`]: rows read back by key (unchanged TOAST values), columns' missing values.
 
 pub mod connection;
+pub mod consistent;
 pub mod copy;
 mod error;
 pub mod identity;

@@ -363,6 +363,22 @@ impl PipeService for PipeApi {
         Ok(Response::new(RemoveTablesResponse { pipe: Some(pipe) }))
     }
 
+    type VerifyPipeStream = ReceiverStream<Result<VerifyPipeResponse, Status>>;
+
+    /// Read-only, so served here whether or not this replica leads (see [`crate::verify`]).
+    async fn verify_pipe(
+        &self,
+        request: Request<VerifyPipeRequest>,
+    ) -> Result<Response<Self::VerifyPipeStream>, Status> {
+        let request = request.into_inner();
+        let record = self.existing(&request.name).await?;
+        let plan = crate::verify::plan(self.store(), record, &request).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let (store, key) = (self.store().clone(), self.inner.secret_key.clone());
+        tokio::spawn(crate::verify::run(store, key, plan, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn delete_pipe(
         &self,
         request: Request<DeletePipeRequest>,
