@@ -8,7 +8,8 @@ use std::collections::HashSet;
 use std::fmt;
 
 use ferry_proto::v1::{
-    ClickHouseDestination, PipeSettings, PipeSpec, PostgresSource, SslMode, TableMapping,
+    ClickHouseDestination, OutOfRange, PipeSettings, PipeSpec, PostgresSource, SslMode,
+    TableMapping, UnconstrainedNumeric,
 };
 use prost_types::Duration;
 
@@ -115,12 +116,9 @@ pub fn normalize_new_pipe(mut spec: PipeSpec) -> Result<PipeSpec, InvalidSpec> {
         ),
     }
     let settings = spec.settings.take().unwrap_or_default();
-    spec.settings = Some(merge_settings(
-        &defaults(),
-        &settings,
-        "spec.settings",
-        &mut v,
-    ));
+    let mut merged = merge_settings(&defaults(), &settings, "spec.settings", &mut v);
+    creation_settings(&mut merged, &settings, &mut v);
+    spec.settings = Some(merged);
     v.finish(spec)
 }
 
@@ -132,6 +130,20 @@ pub fn apply_settings_update(
 ) -> Result<PipeSettings, InvalidSpec> {
     let mut v = Violations::default();
     let merged = merge_settings(current, update, "settings", &mut v);
+    // These decide destination column types and what the stream writes; a live change
+    // would mix both in one table.
+    for (name, set) in [
+        ("unconstrained_numeric", update.unconstrained_numeric != 0),
+        ("out_of_range", update.out_of_range != 0),
+    ] {
+        if set {
+            v.add(
+                format!("settings.{name}"),
+                "is fixed when the pipe is created; to change it, recreate the pipe \
+                 (`ferry delete`, then `ferry create`): resync does not exist yet",
+            );
+        }
+    }
     v.finish(merged)
 }
 
@@ -164,6 +176,36 @@ fn defaults() -> PipeSettings {
         snapshot_parallel_partitions: Some(DEFAULT_PARALLEL_PARTITIONS),
         snapshot_parallel_tables: Some(DEFAULT_PARALLEL_TABLES),
         allow_non_empty_destination: Some(false),
+        unconstrained_numeric: UnconstrainedNumeric::Decimal7638.into(),
+        out_of_range: OutOfRange::Fail.into(),
+    }
+}
+
+/// The settings only a new pipe takes: validated, defaults filled in.
+fn creation_settings(merged: &mut PipeSettings, given: &PipeSettings, v: &mut Violations) {
+    match UnconstrainedNumeric::try_from(given.unconstrained_numeric) {
+        Ok(UnconstrainedNumeric::Unspecified) => {
+            merged.unconstrained_numeric = UnconstrainedNumeric::Decimal7638.into();
+        }
+        Ok(chosen) => merged.unconstrained_numeric = chosen.into(),
+        Err(_) => v.add(
+            "spec.settings.unconstrained_numeric",
+            format!(
+                "unknown value {}; use UNCONSTRAINED_NUMERIC_DECIMAL_76_38 or UNCONSTRAINED_NUMERIC_STRING",
+                given.unconstrained_numeric
+            ),
+        ),
+    }
+    match OutOfRange::try_from(given.out_of_range) {
+        Ok(OutOfRange::Unspecified) => merged.out_of_range = OutOfRange::Fail.into(),
+        Ok(chosen) => merged.out_of_range = chosen.into(),
+        Err(_) => v.add(
+            "spec.settings.out_of_range",
+            format!(
+                "unknown value {}; use OUT_OF_RANGE_FAIL, OUT_OF_RANGE_CLAMP or OUT_OF_RANGE_NULL",
+                given.out_of_range
+            ),
+        ),
     }
 }
 
@@ -245,6 +287,9 @@ fn normalize_tables(
             format!("{at}.destination_table"),
             check_identifier(&table.destination_table),
         );
+        for (field, description) in crate::column_types::check(&mut table.column_types, &at) {
+            v.add(field, description);
+        }
         let source = source_table_name(table);
         if !sources.insert(source.clone()) {
             v.add(
@@ -327,6 +372,9 @@ fn merge_settings(
         allow_non_empty_destination: update
             .allow_non_empty_destination
             .or(current.allow_non_empty_destination),
+        // Fixed at creation (creation_settings, apply_settings_update).
+        unconstrained_numeric: current.unconstrained_numeric,
+        out_of_range: current.out_of_range,
     }
 }
 
@@ -537,11 +585,13 @@ mod tests {
             source_schema: "public".into(),
             source_table: "orders".into(),
             destination_table: "orders_copy".into(),
+            ..Default::default()
         });
         spec.tables.push(TableMapping {
             source_schema: "sales".into(),
             source_table: "orders".into(),
             destination_table: String::new(),
+            ..Default::default()
         });
         let err = normalize_new_pipe(spec).unwrap_err();
         assert_eq!(
