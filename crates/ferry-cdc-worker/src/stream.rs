@@ -21,7 +21,7 @@ use ferry_core::spec::{DEFAULT_PULL_BATCH_SIZE, DEFAULT_SYNC_INTERVAL_SECS, sour
 use ferry_postgres::SourceError;
 use ferry_postgres::connection::{self, SESSION_OPTIONS};
 use ferry_postgres::pgoutput::{self, DecodeError, Message};
-use ferry_proto::v1::{Checkpoint, ReplicationStatus, SslMode};
+use ferry_proto::v1::{AlteredValues, Checkpoint, ReplicationStatus, SslMode};
 use ferry_server::membership::Member;
 use ferry_server::worker::WorkerContext;
 use ferry_store::cdc::CdcClaim;
@@ -124,6 +124,7 @@ impl StreamError {
                     .into()
             }
             Self::Sink(e) => e.remedy(),
+            Self::Transcode(e) => e.remedy(),
             _ => "see the error; resync the pipe once its cause is fixed".into(),
         }
     }
@@ -132,6 +133,7 @@ impl StreamError {
     pub fn table(&self) -> Option<&str> {
         match self {
             Self::SchemaChanged { table, .. } | Self::UnchangedToast { table, .. } => Some(table),
+            Self::Transcode(e) if !e.table.is_empty() => Some(&e.table),
             _ => None,
         }
     }
@@ -165,7 +167,8 @@ pub async fn run(
         &spec.destination.clone().unwrap_or_default(),
         &secrets.destination_password,
     );
-    let options = MappingOptions::default();
+    let limits = ctx.store.destination_limits(name).await?;
+    let options = MappingOptions::for_pipe(&spec.settings.unwrap_or_default(), limits.as_ref());
     let states: HashMap<String, _> = ctx.store.table_states(name).await?.into_iter().collect();
     let mut tables: HashMap<String, TableBatch> = HashMap::new();
     for mapping in &spec.tables {
@@ -186,6 +189,13 @@ pub async fn run(
                 .and_then(|r| r.tables.get(&table))
             {
                 batch.changes = *previous;
+            }
+            if let Some(previous) = record
+                .replication
+                .as_ref()
+                .and_then(|r| r.altered.get(&table))
+            {
+                batch.carry_altered(&previous.columns);
             }
             tables.insert(table, batch);
         }
@@ -480,6 +490,13 @@ async fn flush(
         tables: tables
             .values()
             .map(|b| (b.source_table().to_owned(), b.changes))
+            .collect(),
+        altered: tables
+            .values()
+            .map(|b| {
+                let columns = b.altered();
+                (b.source_table().to_owned(), AlteredValues { columns })
+            })
             .collect(),
     };
     if let Err(error) = ctx.store.put_replication_status(claim, &report).await {

@@ -11,7 +11,7 @@ use ferry_clickhouse::transcode::RowTranscoder;
 use ferry_clickhouse::types::{MappingOptions, ValueKind, column_type, value_kind};
 use ferry_postgres::pgoutput::{OldTuple, RelationColumn, Tuple, Value};
 use ferry_postgres::schema::describe_table;
-use ferry_proto::v1::{ColumnSchema, TableChanges, TableSchema, TableState};
+use ferry_proto::v1::{AlteredColumn, ColumnSchema, TableChanges, TableSchema, TableState};
 use ferry_store::Store;
 use ferry_store::cdc::CdcClaim;
 use tracing::{debug, info};
@@ -63,7 +63,7 @@ impl TableBatch {
             .collect();
         Self {
             statement: sink.insert_statement(&name, &schema),
-            transcoder: RowTranscoder::new(&schema.columns, options),
+            transcoder: RowTranscoder::new(&schema.columns, options).for_table(&source_table),
             source_table,
             name,
             schema,
@@ -78,6 +78,16 @@ impl TableBatch {
     /// schema.table in the source.
     pub(crate) fn source_table(&self) -> &str {
         &self.source_table
+    }
+
+    /// Values written altered, by column, cumulative across streams of the pipe.
+    pub(crate) fn altered(&self) -> Vec<AlteredColumn> {
+        self.transcoder.altered()
+    }
+
+    /// Continues the counts an earlier stream of the pipe reported.
+    pub(crate) fn carry_altered(&mut self, previous: &[AlteredColumn]) {
+        self.transcoder.carry(previous);
     }
 
     /// Takes in a Relation message: the same columns as before, or a schema change to apply.
@@ -152,7 +162,9 @@ impl TableBatch {
             changed = true;
         }
         if changed {
-            self.transcoder = RowTranscoder::new(&self.schema.columns, evolve.options);
+            self.transcoder = self
+                .transcoder
+                .rebuilt(&self.schema.columns, evolve.options);
             self.statement = evolve.sink.insert_statement(&self.name, &self.schema);
             let state = TableState {
                 schema: Some(self.schema.clone()),
@@ -426,7 +438,7 @@ fn default_expression(column: &ColumnSchema, text: &str, ty: &str) -> Option<Str
         ValueKind::Uuid => format!("toUUID({quoted})"),
         ValueKind::Date => format!("toDate32({quoted})"),
         ValueKind::Timestamp { .. } => format!("parseDateTime64BestEffort({quoted}, 6, 'UTC')"),
-        ValueKind::Bytes | ValueKind::Array(_) => return None,
+        ValueKind::Bytes | ValueKind::Json | ValueKind::Array(_) => return None,
     };
     Some(format!("CAST({value} AS {ty})"))
 }

@@ -159,6 +159,8 @@ pub async fn describe_table(
             nullable: row.get(4),
             element_type_oid,
             type_kind,
+            // The user's choice is Setup's to record (spec.tables[i].column_types).
+            clickhouse_type: String::new(),
         });
     }
 

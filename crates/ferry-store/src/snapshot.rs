@@ -193,6 +193,7 @@ impl Store {
             let mut partition = planned.partition.clone();
             partition.done = false;
             partition.rows_copied = 0;
+            partition.altered.clear();
             partition.snapshot_id.clear();
             let txn = Txn::new()
                 .when([

@@ -118,6 +118,13 @@ pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
                 table.updated = changes.updated;
                 table.deleted = changes.deleted;
             }
+            // Alterations: the snapshot's (in the status) plus the stream's.
+            if let Some(altered) = replication.altered.get(&table.source_table) {
+                table.altered = ferry_clickhouse::transcode::sum_altered([
+                    table.altered.as_slice(),
+                    altered.columns.as_slice(),
+                ]);
+            }
         }
         status.replication = Some(replication.clone());
     }
