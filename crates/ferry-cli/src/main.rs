@@ -30,7 +30,7 @@ struct Cli {
 enum Command {
     /// Create a pipe. Passwords are read from FERRY_SOURCE_PASSWORD and
     /// FERRY_CLICKHOUSE_PASSWORD, never from flags (which end up in shell history).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List pipes.
     List {
         /// Only pipes in these states (e.g. running, failed).
@@ -285,7 +285,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = connect(&cli.addr).await?;
     match cli.command {
         Command::Create(args) => {
-            let mut tables: Vec<TableMapping> = args.tables.iter().map(|t| table_mapping(t)).collect();
+            let mut tables: Vec<TableMapping> =
+                args.tables.iter().map(|t| table_mapping(t)).collect();
             apply_column_types(&mut tables, &args.column_types)?;
             let mut settings = args.settings.to_proto();
             settings.unconstrained_numeric = match args.unconstrained_numeric {

@@ -122,9 +122,13 @@ pub(crate) enum Numeric {
     /// The value scaled to the requested scale.
     Value(I256),
     /// Too large for 256 bits at that scale (certainly too large for any Decimal).
-    TooLarge { negative: bool },
+    TooLarge {
+        negative: bool,
+    },
     /// ±Infinity.
-    Infinity { negative: bool },
+    Infinity {
+        negative: bool,
+    },
     NaN,
 }
 

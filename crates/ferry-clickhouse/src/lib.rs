@@ -6,6 +6,7 @@
 //! - [`ddl`]: destination tables (`ReplacingMergeTree(_ferry_version, _ferry_is_deleted)`
 //!   ordered by the source's row key, plus Ferry's metadata columns).
 
+mod altered;
 pub mod ddl;
 mod decimal;
 pub mod sink;

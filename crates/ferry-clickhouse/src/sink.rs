@@ -208,7 +208,10 @@ impl Sink {
         for candidate in candidates {
             let n: i64 = (*candidate).into();
             last = n;
-            let sql = format!("SELECT toInt64({}) = {n}", expression.replace("{n}", &n.to_string()));
+            let sql = format!(
+                "SELECT toInt64({}) = {n}",
+                expression.replace("{n}", &n.to_string())
+            );
             match self.client.query(&sql).fetch_one::<bool>().await {
                 Ok(true) => return Ok(n),
                 Ok(false) => {}

@@ -9,123 +9,16 @@
 //! does not let through is an error naming the remedy. Malformed input is an error, never a
 //! panic.
 
-use std::collections::BTreeMap;
-
 use ferry_proto::v1::{AlterationKind, AlteredColumn, ColumnSchema};
 
-use crate::decimal::{self, I256, Numeric};
-use crate::types::{Limits, MappingOptions, OutOfRange, ValueKind, value_kind};
+pub use crate::altered::{Adjustments, TranscodeError, sum_altered};
+use crate::altered::{Rules, ValueError, decimal_width, write_numeric};
+use crate::types::{MappingOptions, ValueKind, value_kind};
 
 /// Microseconds between 1970-01-01 and 2000-01-01 (Postgres's epoch).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// Days between 1970-01-01 and 2000-01-01.
 const PG_EPOCH_DAYS: i32 = 10_957;
-/// A value that does not decode as its column's type, or that its column cannot hold.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("column {column}: {problem}")]
-pub struct TranscodeError {
-    /// The source table (schema.table), when the transcoder was given it.
-    pub table: String,
-    /// The column.
-    pub column: String,
-    /// What is wrong.
-    pub problem: String,
-    /// The value is well formed but the column's ClickHouse type cannot hold it and the
-    /// pipe's out-of-range policy does not let it through.
-    pub out_of_range: bool,
-}
-
-impl TranscodeError {
-    /// What the user can do: for a value out of range, the settings that let it through
-    /// (they are fixed when a pipe is created, so the pipe is recreated).
-    pub fn remedy(&self) -> String {
-        if !self.out_of_range {
-            return "the source sent a value Ferry cannot decode; report it with the error".into();
-        }
-        let table = if self.table.is_empty() {
-            "<schema.table>"
-        } else {
-            &self.table
-        };
-        let column = &self.column;
-        format!(
-            "store the column as text: `ferry create … --column-type {table}.{column}=String` \
-             (spec.tables[i].column_types[\"{column}\"] = \"String\" for {table}; or a wider \
-             \"Decimal(P, S)\"; for every unconstrained numeric: `--unconstrained-numeric string`, \
-             settings.unconstrained_numeric), or let such values through altered and counted: \
-             `--out-of-range clamp|null` (settings.out_of_range). These are fixed when a pipe is \
-             created and resync does not exist yet: recreate the pipe (`ferry delete`, then \
-             `ferry create` with the new flags)"
-        )
-    }
-}
-
-/// Why a value could not be written.
-#[derive(Debug)]
-enum ValueError {
-    /// The bytes are not a value of the column's type.
-    Malformed(String),
-    /// The value is fine but the column cannot hold it.
-    OutOfRange(String),
-}
-
-impl From<String> for ValueError {
-    fn from(problem: String) -> Self {
-        Self::Malformed(problem)
-    }
-}
-
-/// What happened to values ClickHouse cannot represent exactly (one column's, or a sum).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Adjustments {
-    /// Values clamped into the column's range: dates and timestamps (including ±infinity),
-    /// numerics under [`OutOfRange::Clamp`].
-    pub clamped: u64,
-    /// Values written as NULL: NaN and ±Infinity numerics, numerics under
-    /// [`OutOfRange::Null`].
-    pub nulled: u64,
-    /// NULL arrays written as empty arrays.
-    pub emptied: u64,
-}
-
-impl Adjustments {
-    fn add(&mut self, other: Self) {
-        self.clamped += other.clamped;
-        self.nulled += other.nulled;
-        self.emptied += other.emptied;
-    }
-}
-
-/// How the transcoder treats values at the edge of the destination's types.
-#[derive(Debug, Clone, Copy)]
-struct Rules {
-    limits: Limits,
-    out_of_range: OutOfRange,
-}
-
-/// Per-column alteration counts keyed by (column, kind), as the status shows them.
-fn merge_altered(into: &mut BTreeMap<(String, i32), u64>, altered: &[AlteredColumn]) {
-    for a in altered {
-        *into.entry((a.column.clone(), a.kind)).or_default() += a.count;
-    }
-}
-
-/// Sums lists of per-column alteration counts (several partitions, snapshot and CDC).
-pub fn sum_altered<'a>(lists: impl IntoIterator<Item = &'a [AlteredColumn]>) -> Vec<AlteredColumn> {
-    let mut sum = BTreeMap::new();
-    for list in lists {
-        merge_altered(&mut sum, list);
-    }
-    sum.into_iter()
-        .filter(|(_, count)| *count > 0)
-        .map(|((column, kind), count)| AlteredColumn {
-            column,
-            kind,
-            count,
-        })
-        .collect()
-}
-
 /// Whether `column` must be read from Postgres cast to `text` (`text[]` for arrays): its
 /// ClickHouse column holds Postgres's text form, and its binary form is something else
 /// (jsonb's version byte, inet's address family, interval's fields, ...). Types whose binary
@@ -519,80 +412,6 @@ fn write_value(
     Ok(())
 }
 
-/// A numeric into Decimal(precision, scale). NaN becomes NULL (there is nothing to clamp it
-/// to); ±Infinity and values with too many integer digits follow the out-of-range policy,
-/// except that ±Infinity in a Nullable column is NULL unless the policy clamps. A value that
-/// can be neither written nor altered is an error: never a stand-in such as 0.
-fn write_numeric(
-    precision: u32,
-    scale: u32,
-    bytes: &[u8],
-    nullable: bool,
-    rules: &Rules,
-    out: &mut Vec<u8>,
-    adjustments: &mut Adjustments,
-) -> Result<(), ValueError> {
-    let (negative, what) = match decimal::from_pg_numeric(bytes, scale)? {
-        Numeric::Value(value) if value.has_at_most_digits(precision) => {
-            if nullable {
-                out.push(0);
-            }
-            return write_decimal(value, precision, out);
-        }
-        Numeric::Value(value) => (value.is_negative(), "has too many integer digits"),
-        Numeric::TooLarge { negative } => (negative, "has too many integer digits"),
-        Numeric::Infinity { negative } => (negative, "is infinite"),
-        Numeric::NaN if nullable => {
-            adjustments.nulled += 1;
-            out.push(1);
-            return Ok(());
-        }
-        Numeric::NaN => {
-            return Err(ValueError::OutOfRange(format!(
-                "NaN has no Decimal({precision}, {scale}) form and the column is not Nullable"
-            )));
-        }
-    };
-    let infinite = what == "is infinite";
-    let nulled = match rules.out_of_range {
-        OutOfRange::Clamp => {
-            adjustments.clamped += 1;
-            if nullable {
-                out.push(0);
-            }
-            return write_decimal(I256::all_nines(precision, negative), precision, out);
-        }
-        OutOfRange::Null => true,
-        // ±Infinity in a Nullable column has always been NULL; too many digits fail.
-        OutOfRange::Fail => infinite,
-    };
-    if nulled && nullable {
-        adjustments.nulled += 1;
-        out.push(1);
-        return Ok(());
-    }
-    let policy = if rules.out_of_range == OutOfRange::Null {
-        "NULL, but the column is not Nullable"
-    } else {
-        "FAIL"
-    };
-    Err(ValueError::OutOfRange(format!(
-        "a value {what} for Decimal({precision}, {scale}) (at most {} integer digits), and the \
-         out-of-range policy is {policy}",
-        precision - scale
-    )))
-}
-
-/// Bytes of a Decimal of `precision` digits in RowBinary.
-fn decimal_width(precision: u32) -> usize {
-    match precision {
-        0..=9 => 4,
-        10..=18 => 8,
-        19..=38 => 16,
-        _ => 32,
-    }
-}
-
 /// The zero value of a non-nullable column of `kind`.
 fn write_zero(kind: &ValueKind, out: &mut Vec<u8>) {
     let width = match kind {
@@ -610,17 +429,6 @@ fn write_zero(kind: &ValueKind, out: &mut Vec<u8>) {
         | ValueKind::Array(_) => 1,
     };
     out.extend(std::iter::repeat_n(0, width));
-}
-
-fn write_decimal(value: I256, precision: u32, out: &mut Vec<u8>) -> Result<(), ValueError> {
-    let width = decimal_width(precision);
-    if !value.has_at_most_digits(precision) || !value.fits_in_bytes(width) {
-        return Err(ValueError::OutOfRange(format!(
-            "numeric value has more than {precision} digits and does not fit Decimal({precision})"
-        )));
-    }
-    out.extend_from_slice(&value.to_le_bytes()[..width]);
-    Ok(())
 }
 
 /// A one-dimensional Postgres array (`array_send`) as ClickHouse Array of nullable elements.
@@ -656,7 +464,9 @@ fn write_array(
         }
     }
     if !reader.0.is_empty() {
-        return Err(ValueError::Malformed("trailing bytes after the array".into()));
+        return Err(ValueError::Malformed(
+            "trailing bytes after the array".into(),
+        ));
     }
     Ok(())
 }
@@ -715,7 +525,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::oid;
+    use crate::types::{Limits, oid};
 
     fn column(name: &str, type_oid: u32, typmod: i32, nullable: bool) -> ColumnSchema {
         ColumnSchema {

@@ -413,12 +413,24 @@ mod tests {
                 scale: 38
             })
         );
-        for bad in ["Decimal(77, 0)", "Decimal(5, 6)", "Int64", "string", "Decimal(0, 0)"] {
+        for bad in [
+            "Decimal(77, 0)",
+            "Decimal(5, 6)",
+            "Int64",
+            "string",
+            "Decimal(0, 0)",
+        ] {
             assert_eq!(TypeOverride::parse(bad), None, "{bad}");
         }
         assert!(TypeOverride::String.fits(&col(oid::DATE, -1, false)));
         assert!(!TypeOverride::Json.fits(&col(oid::TEXT, -1, false)));
-        assert!(!TypeOverride::Decimal { precision: 5, scale: 0 }.fits(&col(oid::INT4, -1, false)));
+        assert!(
+            !TypeOverride::Decimal {
+                precision: 5,
+                scale: 0
+            }
+            .fits(&col(oid::INT4, -1, false))
+        );
     }
 
     #[test]

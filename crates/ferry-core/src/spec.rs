@@ -117,7 +117,9 @@ pub fn normalize_new_pipe(mut spec: PipeSpec) -> Result<PipeSpec, InvalidSpec> {
     }
     let settings = spec.settings.take().unwrap_or_default();
     let mut merged = merge_settings(&defaults(), &settings, "spec.settings", &mut v);
-    creation_settings(&mut merged, &settings, &mut v);
+    for (field, description) in crate::mapping::creation_settings(&mut merged, &settings) {
+        v.add(field, description);
+    }
     spec.settings = Some(merged);
     v.finish(spec)
 }
@@ -130,19 +132,8 @@ pub fn apply_settings_update(
 ) -> Result<PipeSettings, InvalidSpec> {
     let mut v = Violations::default();
     let merged = merge_settings(current, update, "settings", &mut v);
-    // These decide destination column types and what the stream writes; a live change
-    // would mix both in one table.
-    for (name, set) in [
-        ("unconstrained_numeric", update.unconstrained_numeric != 0),
-        ("out_of_range", update.out_of_range != 0),
-    ] {
-        if set {
-            v.add(
-                format!("settings.{name}"),
-                "is fixed when the pipe is created; to change it, recreate the pipe \
-                 (`ferry delete`, then `ferry create`): resync does not exist yet",
-            );
-        }
+    for (field, description) in crate::mapping::fixed_settings(update) {
+        v.add(field, description);
     }
     v.finish(merged)
 }
@@ -178,34 +169,6 @@ fn defaults() -> PipeSettings {
         allow_non_empty_destination: Some(false),
         unconstrained_numeric: UnconstrainedNumeric::Decimal7638.into(),
         out_of_range: OutOfRange::Fail.into(),
-    }
-}
-
-/// The settings only a new pipe takes: validated, defaults filled in.
-fn creation_settings(merged: &mut PipeSettings, given: &PipeSettings, v: &mut Violations) {
-    match UnconstrainedNumeric::try_from(given.unconstrained_numeric) {
-        Ok(UnconstrainedNumeric::Unspecified) => {
-            merged.unconstrained_numeric = UnconstrainedNumeric::Decimal7638.into();
-        }
-        Ok(chosen) => merged.unconstrained_numeric = chosen.into(),
-        Err(_) => v.add(
-            "spec.settings.unconstrained_numeric",
-            format!(
-                "unknown value {}; use UNCONSTRAINED_NUMERIC_DECIMAL_76_38 or UNCONSTRAINED_NUMERIC_STRING",
-                given.unconstrained_numeric
-            ),
-        ),
-    }
-    match OutOfRange::try_from(given.out_of_range) {
-        Ok(OutOfRange::Unspecified) => merged.out_of_range = OutOfRange::Fail.into(),
-        Ok(chosen) => merged.out_of_range = chosen.into(),
-        Err(_) => v.add(
-            "spec.settings.out_of_range",
-            format!(
-                "unknown value {}; use OUT_OF_RANGE_FAIL, OUT_OF_RANGE_CLAMP or OUT_OF_RANGE_NULL",
-                given.out_of_range
-            ),
-        ),
     }
 }
 
@@ -287,7 +250,8 @@ fn normalize_tables(
             format!("{at}.destination_table"),
             check_identifier(&table.destination_table),
         );
-        for (field, description) in crate::column_types::check(&mut table.column_types, &at) {
+        for (field, description) in crate::mapping::check_column_types(&mut table.column_types, &at)
+        {
             v.add(field, description);
         }
         let source = source_table_name(table);
