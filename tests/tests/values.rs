@@ -268,7 +268,9 @@ async fn numerics_beyond_decimal_fail_with_a_real_remedy_or_land_as_the_pipe_say
     db.batch_execute(&format!(
         "CREATE TABLE big (id int PRIMARY KEY, n numeric);
          INSERT INTO big VALUES (1, 1.25), (2, '{BIG}'), (3, '-{BIG}');
-         CREATE TABLE later (id int PRIMARY KEY, n numeric);"
+         CREATE TABLE later (id int PRIMARY KEY, n numeric);
+         CREATE TABLE docs (id int PRIMARY KEY, jb jsonb, js json);
+         INSERT INTO docs VALUES (1, '{{\"b\": [1, 2.5], \"a\": \"x\"}}', '{{\"k\": 1}}'), (2, NULL, NULL);"
     ))
     .await
     .unwrap();
@@ -281,7 +283,24 @@ async fn numerics_beyond_decimal_fail_with_a_real_remedy_or_land_as_the_pipe_say
     let client = coordinator.pipe_client().await.unwrap();
     let mut overridden = table("big");
     overridden.column_types.insert("n".into(), "String".into());
+    let mut json = table("docs");
+    json.column_types.insert("jb".into(), "JSON".into());
+    json.column_types.insert("js".into(), "JSON".into());
+    let mut unfit = table("big");
+    unfit.column_types.insert("n".into(), "JSON".into());
     let pipes = [
+        (
+            "json",
+            json,
+            PipeMode::SnapshotAndCdc,
+            PipeSettings::default(),
+        ),
+        (
+            "unfit",
+            unfit,
+            PipeMode::SnapshotAndCdc,
+            PipeSettings::default(),
+        ),
         (
             "fails",
             table("big"),
@@ -330,6 +349,62 @@ async fn numerics_beyond_decimal_fail_with_a_real_remedy_or_land_as_the_pipe_say
             .unwrap();
     }
 
+    // A type the spec does not support is refused at once, naming the field.
+    let mut unsupported = table("big");
+    unsupported
+        .column_types
+        .insert("n".into(), "Float64".into());
+    let refused = client
+        .clone()
+        .create_pipe(CreatePipeRequest {
+            spec: Some(spec(
+                "refused",
+                &pg,
+                &ch,
+                unsupported,
+                PipeMode::SnapshotAndCdc,
+                PipeSettings::default(),
+            )),
+            secrets: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("spec.tables[0].column_types[n]"),
+        "{}",
+        refused.message()
+    );
+    // A supported type the column cannot take is refused by Setup, naming the field.
+    let failed = reach(&client, "unfit", PipeState::Failed).await;
+    let error = failed.error.unwrap();
+    assert!(
+        error.message.contains("spec.tables[0].column_types[n]"),
+        "{error:?}"
+    );
+    assert!(error.remedy.contains("ferry delete"), "{error:?}");
+
+    // JSON where the server has it: the same document (ClickHouse re-serialises it).
+    reach(&client, "json", PipeState::Running).await;
+    let clickhouse = Client::default().with_url(ch.url());
+    let docs = ch_rows(
+        &clickhouse,
+        "SELECT toString(id), ifNull(toString(jb), 'NULL'), ifNull(toString(js), 'NULL') \
+         FROM d_json.docs FINAL ORDER BY id",
+    )
+    .await;
+    assert_eq!(docs.len(), 2, "{docs:?}");
+    let same = db
+        .query_one(
+            "SELECT $1::text::jsonb = jb AND $2::text::jsonb = js::jsonb FROM docs WHERE id = 1",
+            &[&docs[0][1], &docs[0][2]],
+        )
+        .await
+        .unwrap()
+        .get::<_, bool>(0);
+    assert!(same, "{docs:?}");
+    assert_eq!(docs[1][1..], ["NULL", "NULL"], "{docs:?}");
+
     // Default (Decimal(76, 38), FAIL): the snapshot fails the pipe, naming what to change.
     let failed = reach(&client, "fails", PipeState::Failed).await;
     let error = failed.error.unwrap();
@@ -360,7 +435,6 @@ async fn numerics_beyond_decimal_fail_with_a_real_remedy_or_land_as_the_pipe_say
     );
 
     // As text (the setting, or the column's type): Postgres's exact text, snapshot and CDC.
-    let clickhouse = Client::default().with_url(ch.url());
     for name in ["as_string", "overridden"] {
         reach(&client, name, PipeState::Running).await;
     }
