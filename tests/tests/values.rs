@@ -254,6 +254,16 @@ async fn dates_and_timestamps_land_exactly_across_the_servers_range_and_clamps_a
         "{:?}",
         status(&client, "dates").await.map(|s| s.tables)
     );
+    // And `ferry get` shows them.
+    let output = std::process::Command::new(ferry_testkit::ferry::bin_dir().join("ferry"))
+        .args(["--addr", &coordinator.url(), "get", "dates"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    for column in ["d", "ts", "tz"] {
+        let line = format!("altered   public.dates.{column}: 8 clamped");
+        assert!(text.contains(&line), "{line} missing from:\n{text}");
+    }
 }
 
 /// 45 integer digits: more than Decimal(76, 38) holds.

@@ -403,3 +403,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn column_types_go_to_their_table() {
+        let mut tables = vec![table_mapping("orders"), table_mapping("sales.items")];
+        apply_column_types(
+            &mut tables,
+            &[
+                "orders.total=Decimal(20,4)".into(),
+                "public.orders.note=String".into(),
+                "sales.items.doc=JSON".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(tables[0].column_types["total"], "Decimal(20,4)");
+        assert_eq!(tables[0].column_types["note"], "String");
+        assert_eq!(tables[1].column_types["doc"], "JSON");
+        for bad in ["orders.total", "total=String", "other.total=String"] {
+            assert!(
+                apply_column_types(&mut tables, &[bad.into()]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}
