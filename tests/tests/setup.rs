@@ -49,6 +49,7 @@ fn spec(case: &Case, ch: &ClickHouse, settings: PipeSettings) -> CreatePipeReque
                 source_schema: schema.into(),
                 source_table: table.into(),
                 destination_table: String::new(),
+                ..Default::default()
             }],
             mode: PipeMode::SnapshotAndCdc.into(),
             settings: Some(settings),

@@ -78,7 +78,7 @@ impl Stack {
             tables: vec![TableMapping {
                 source_schema: "public".into(),
                 source_table: table.into(),
-                destination_table: String::new(),
+                ..Default::default()
             }],
             mode: PipeMode::SnapshotAndCdc.into(),
             settings: Some(PipeSettings {

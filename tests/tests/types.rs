@@ -11,10 +11,12 @@ use clickhouse::Client;
 use ferry_clickhouse::ddl::{
     IS_DELETED_COLUMN, Ident, VERSION_COLUMN, create_database, create_table,
 };
+use ferry_clickhouse::sink::Sink;
 use ferry_clickhouse::transcode::{RowTranscoder, select_list};
 use ferry_clickhouse::types::MappingOptions;
 use ferry_postgres::copy::CopyDecoder;
 use ferry_postgres::schema::describe_table;
+use ferry_proto::v1::{ClickHouseDestination, PipeSettings};
 use ferry_testkit::clickhouse::ClickHouse;
 use ferry_testkit::postgres::Postgres;
 use tokio_stream::StreamExt as _;
@@ -25,7 +27,26 @@ async fn every_type_survives_the_snapshot_path_value_for_value() {
     let ch = ClickHouse::start().await.unwrap();
     let db = pg.client("postgres").await.unwrap();
     db.batch_execute(common::SCHEMA).await.unwrap();
-    let options = MappingOptions::default();
+    // The range the server holds, as Setup probes it: nothing inside it is clamped.
+    let sink = Sink::new(
+        &ClickHouseDestination {
+            url: ch.url(),
+            database: "dest".into(),
+            user: "default".into(),
+        },
+        "",
+    );
+    let limits = sink.probe_limits().await.unwrap();
+    assert_eq!(
+        (limits.date_min_days, limits.date_max_days),
+        (-719_528, 2_932_896),
+        "0000-01-01 ..= 9999-12-31"
+    );
+    assert_eq!(
+        (limits.timestamp_min_micros, limits.timestamp_max_micros),
+        (-62_167_219_200_000_000, 253_402_300_799_999_999)
+    );
+    let options = MappingOptions::for_pipe(&PipeSettings::default(), Some(&limits));
 
     let schema = describe_table(&db, "public", "everything").await.unwrap();
     let clickhouse = Client::default().with_url(ch.url());
@@ -64,9 +85,10 @@ async fn every_type_survives_the_snapshot_path_value_for_value() {
     let adjustments = transcoder.adjustments();
     assert_eq!(adjustments.nulled, 1, "the NaN numeric");
     assert_eq!(
-        adjustments.clamped, 3,
-        "date infinity, timestamp -infinity, timestamptz 1800"
+        adjustments.clamped, 2,
+        "date infinity, timestamp -infinity (timestamptz 1800 is in range)"
     );
+    assert_eq!(adjustments.emptied, 8, "the NULL arrays of rows 1 and 4");
 
     let columns: Vec<String> = schema
         .columns

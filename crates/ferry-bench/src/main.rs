@@ -251,9 +251,11 @@ async fn null_sink(
                 &client,
                 &schema,
                 &range,
+                Default::default(),
                 |_body| async { Ok(()) },
             )
-            .await?;
+            .await?
+            .rows;
             Ok::<_, anyhow::Error>(rows)
         }));
     }

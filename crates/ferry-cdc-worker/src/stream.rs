@@ -24,7 +24,7 @@ use ferry_postgres::SourceError;
 use ferry_postgres::connection::{self, SESSION_OPTIONS};
 use ferry_postgres::pgoutput::{self, DecodeError, Message};
 use ferry_postgres::snapshot::Visibility;
-use ferry_proto::v1::{Checkpoint, ReplicationStatus, SslMode};
+use ferry_proto::v1::{AlteredValues, Checkpoint, ReplicationStatus, SslMode};
 use ferry_server::membership::Member;
 use ferry_server::worker::WorkerContext;
 use ferry_store::cdc::CdcClaim;
@@ -160,6 +160,7 @@ impl StreamError {
                     .into()
             }
             Self::Sink(e) => e.remedy(),
+            Self::Transcode(e) => e.remedy(),
             _ => "see the error; resync the pipe once its cause is fixed".into(),
         }
     }
@@ -172,6 +173,7 @@ impl StreamError {
             | Self::IdentityChanged { table, .. }
             | Self::NullInNotNull { table, .. }
             | Self::TableRecreated { table } => Some(table),
+            Self::Transcode(e) if !e.table.is_empty() => Some(&e.table),
             _ => None,
         }
     }
@@ -208,7 +210,8 @@ pub async fn run(
         &spec.destination.clone().unwrap_or_default(),
         &secrets.destination_password,
     );
-    let options = MappingOptions::default();
+    let limits = ctx.store.destination_limits(name).await?;
+    let options = MappingOptions::for_pipe(&spec.settings.unwrap_or_default(), limits.as_ref());
     let states: HashMap<String, _> = ctx.store.table_states(name).await?.into_iter().collect();
     let snapshots = copied_under(&ctx.store, name).await?;
     let mut tables: HashMap<u32, TableBatch> = HashMap::new();
@@ -230,6 +233,13 @@ pub async fn run(
                 .and_then(|r| r.tables.get(&table))
             {
                 batch.changes = previous.clone();
+            }
+            if let Some(previous) = record
+                .replication
+                .as_ref()
+                .and_then(|r| r.altered.get(&table))
+            {
+                batch.carry_altered(&previous.columns);
             }
             tables.insert(batch.relation_oid(), batch);
         }
@@ -567,6 +577,13 @@ async fn flush(
                 let mut changes = b.changes.clone();
                 changes.renamed_to = b.renamed_to.clone().unwrap_or_default();
                 (b.source_table().to_owned(), changes)
+            })
+            .collect(),
+        altered: tables
+            .values()
+            .map(|b| {
+                let columns = b.altered();
+                (b.source_table().to_owned(), AlteredValues { columns })
             })
             .collect(),
     };

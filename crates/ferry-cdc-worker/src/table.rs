@@ -21,7 +21,9 @@ use ferry_postgres::lookup::{KeyText, missing_value};
 use ferry_postgres::pgoutput::{OldTuple, RelationColumn, Tuple, Value};
 use ferry_postgres::schema::describe_relation;
 use ferry_postgres::snapshot::Visibility;
-use ferry_proto::v1::{ColumnSchema, ReplicaIdentity, TableChanges, TableSchema, TableState};
+use ferry_proto::v1::{
+    AlteredColumn, ColumnSchema, ReplicaIdentity, TableChanges, TableSchema, TableState,
+};
 use ferry_store::Store;
 use ferry_store::cdc::CdcClaim;
 use tracing::info;
@@ -104,6 +106,7 @@ impl TableBatch {
     ) -> Self {
         let keyless = ddl::is_keyless(&schema);
         let mut batch = Self {
+            transcoder: RowTranscoder::new(&[], options).for_table(&source_table),
             source_table,
             renamed_to: None,
             name,
@@ -111,7 +114,6 @@ impl TableBatch {
             snapshot: snapshot.filter(|_| keyless),
             streamed: Vec::new(),
             written: Vec::new(),
-            transcoder: RowTranscoder::new(&[], options),
             statement: String::new(),
             body: Vec::new(),
             rows: 0,
@@ -177,10 +179,21 @@ impl TableBatch {
             .iter()
             .map(|(i, _)| self.schema.columns[*i].clone())
             .collect();
-        self.transcoder = RowTranscoder::new(&columns, options);
+        // Counts of altered values carry over to the new column set.
+        self.transcoder = self.transcoder.rebuilt(&columns, options);
         let mut shown = self.schema.clone();
         shown.columns = columns;
         self.statement = sink.insert_statement(&self.name, &shown);
+    }
+
+    /// Values written altered, by column, cumulative across streams of the pipe.
+    pub(crate) fn altered(&self) -> Vec<AlteredColumn> {
+        self.transcoder.altered()
+    }
+
+    /// Continues the counts an earlier stream of the pipe reported.
+    pub(crate) fn carry_altered(&mut self, previous: &[AlteredColumn]) {
+        self.transcoder.carry(previous);
     }
 
     /// Takes in a Relation message: the same table as before, or a rename or schema change to
@@ -724,7 +737,7 @@ fn default_expression(column: &ColumnSchema, text: &str, ty: &str) -> Option<Str
         ValueKind::Uuid => format!("toUUID({quoted})"),
         ValueKind::Date => format!("toDate32({quoted})"),
         ValueKind::Timestamp { .. } => format!("parseDateTime64BestEffort({quoted}, 6, 'UTC')"),
-        ValueKind::Bytes | ValueKind::Array(_) => return None,
+        ValueKind::Bytes | ValueKind::Json | ValueKind::Array(_) => return None,
     };
     Some(format!("CAST({value} AS {ty})"))
 }

@@ -31,7 +31,7 @@ struct Cli {
 enum Command {
     /// Create a pipe. Passwords are read from FERRY_SOURCE_PASSWORD and
     /// FERRY_CLICKHOUSE_PASSWORD, never from flags (which end up in shell history).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List pipes.
     List {
         /// Only pipes in these states (e.g. running, failed).
@@ -109,8 +109,63 @@ struct CreateArgs {
     clickhouse_database: String,
     #[arg(long, default_value = "default")]
     clickhouse_user: String,
+    /// A column's ClickHouse type instead of the default mapping, as
+    /// schema.table.column=TYPE (or table.column=TYPE for public): String (any column),
+    /// Decimal(P,S) (numeric) or JSON (json, jsonb); repeat for more columns.
+    #[arg(long = "column-type", value_name = "TABLE.COLUMN=TYPE")]
+    column_types: Vec<String>,
+    /// ClickHouse type of numerics declared without precision.
+    #[arg(long, value_enum, default_value = "decimal")]
+    unconstrained_numeric: UnconstrainedNumericArg,
+    /// Numerics a Decimal column cannot hold: fail the pipe, clamp them to the Decimal's
+    /// bounds, or write NULL (Nullable columns); altered values are counted in `ferry get`.
+    #[arg(long, value_enum, default_value = "fail")]
+    out_of_range: OutOfRangeArg,
     #[command(flatten)]
     settings: SettingsArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum UnconstrainedNumericArg {
+    /// Decimal(76, 38).
+    Decimal,
+    /// String with Postgres's exact text.
+    String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutOfRangeArg {
+    Fail,
+    Clamp,
+    Null,
+}
+
+/// Puts each `schema.table.column=TYPE` into its table's mapping.
+fn apply_column_types(tables: &mut [TableMapping], given: &[String]) -> anyhow::Result<()> {
+    for item in given {
+        let (target, ty) = item
+            .split_once('=')
+            .with_context(|| format!("--column-type {item}: expected TABLE.COLUMN=TYPE"))?;
+        let (table, column) = target
+            .rsplit_once('.')
+            .with_context(|| format!("--column-type {item}: expected TABLE.COLUMN=TYPE"))?;
+        let table = qualified(table);
+        let mapping = tables
+            .iter_mut()
+            .find(|t| {
+                let schema = if t.source_schema.is_empty() {
+                    "public"
+                } else {
+                    &t.source_schema
+                };
+                format!("{schema}.{}", t.source_table) == table
+            })
+            .with_context(|| format!("--column-type {item}: {table} is not one of the --table"))?;
+        mapping
+            .column_types
+            .insert(column.to_owned(), ty.trim().to_owned());
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,6 +201,9 @@ impl SettingsArgs {
             snapshot_parallel_partitions: self.parallel_partitions,
             snapshot_parallel_tables: self.parallel_tables,
             allow_non_empty_destination: self.allow_non_empty_destination,
+            // Chosen at creation only (CreateArgs).
+            unconstrained_numeric: 0,
+            out_of_range: 0,
         }
     }
 }
@@ -196,6 +254,7 @@ fn table_mapping(table: &str) -> TableMapping {
         source_schema: schema.into(),
         source_table: name.into(),
         destination_table: String::new(),
+        column_types: Default::default(),
     }
 }
 
@@ -238,6 +297,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = connect(&cli.addr).await?;
     match cli.command {
         Command::Create(args) => {
+            let mut tables: Vec<TableMapping> =
+                args.tables.iter().map(|t| table_mapping(t)).collect();
+            apply_column_types(&mut tables, &args.column_types)?;
+            let mut settings = args.settings.to_proto();
+            settings.unconstrained_numeric = match args.unconstrained_numeric {
+                UnconstrainedNumericArg::Decimal => UnconstrainedNumeric::Decimal7638,
+                UnconstrainedNumericArg::String => UnconstrainedNumeric::String,
+            }
+            .into();
+            settings.out_of_range = match args.out_of_range {
+                OutOfRangeArg::Fail => OutOfRange::Fail,
+                OutOfRangeArg::Clamp => OutOfRange::Clamp,
+                OutOfRangeArg::Null => OutOfRange::Null,
+            }
+            .into();
             let spec = PipeSpec {
                 name: args.name,
                 source: Some(PostgresSource {
@@ -254,14 +328,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     database: args.clickhouse_database,
                     user: args.clickhouse_user,
                 }),
-                tables: args.tables.iter().map(|t| table_mapping(t)).collect(),
+                tables,
                 mode: match args.mode {
                     ModeArg::SnapshotAndCdc => PipeMode::SnapshotAndCdc,
                     ModeArg::CdcOnly => PipeMode::CdcOnly,
                     ModeArg::SnapshotOnly => PipeMode::SnapshotOnly,
                 }
                 .into(),
-                settings: Some(args.settings.to_proto()),
+                settings: Some(settings),
             };
             let secrets = PipeSecrets {
                 source_password: std::env::var("FERRY_SOURCE_PASSWORD").unwrap_or_default(),
@@ -350,4 +424,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn column_types_go_to_their_table() {
+        let mut tables = vec![table_mapping("orders"), table_mapping("sales.items")];
+        apply_column_types(
+            &mut tables,
+            &[
+                "orders.total=Decimal(20,4)".into(),
+                "public.orders.note=String".into(),
+                "sales.items.doc=JSON".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(tables[0].column_types["total"], "Decimal(20,4)");
+        assert_eq!(tables[0].column_types["note"], "String");
+        assert_eq!(tables[1].column_types["doc"], "JSON");
+        for bad in ["orders.total", "total=String", "other.total=String"] {
+            assert!(
+                apply_column_types(&mut tables, &[bad.into()]).is_err(),
+                "{bad}"
+            );
+        }
+    }
 }

@@ -3,7 +3,7 @@
 use ferry_core::lifecycle::state_name;
 use std::collections::BTreeMap;
 
-use ferry_proto::v1::{Pipe, PipeState, WatchPipeResponse};
+use ferry_proto::v1::{AlterationKind, Pipe, PipeState, WatchPipeResponse};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 fn when(ts: Option<&prost_types::Timestamp>) -> String {
@@ -54,6 +54,26 @@ pub fn pipe(pipe: Option<&Pipe>) {
             "table     {}.{} -> {}{progress}",
             table.source_schema, table.source_table, table.destination_table
         );
+        let mut types: Vec<_> = table.column_types.iter().collect();
+        types.sort();
+        for (column, ty) in types {
+            println!("  column  {column} as {ty}");
+        }
+    }
+    // Values ClickHouse could not hold as they are (README "Altered values").
+    for table in &status.tables {
+        for a in &table.altered {
+            let kind = match a.kind() {
+                AlterationKind::Clamped => "clamped",
+                AlterationKind::Nulled => "nulled",
+                AlterationKind::Emptied => "emptied (NULL array)",
+                AlterationKind::Unspecified => "altered",
+            };
+            println!(
+                "altered   {}.{}: {} {kind}",
+                table.source_table, a.column, a.count
+            );
+        }
     }
     if let Some(settings) = &spec.settings {
         println!(
@@ -63,6 +83,11 @@ pub fn pipe(pipe: Option<&Pipe>) {
             settings.snapshot_rows_per_partition.unwrap_or_default(),
             settings.snapshot_parallel_partitions.unwrap_or_default(),
             settings.snapshot_parallel_tables.unwrap_or_default(),
+        );
+        println!(
+            "values    unconstrained_numeric={} out_of_range={}",
+            settings.unconstrained_numeric().as_str_name(),
+            settings.out_of_range().as_str_name()
         );
     }
     if let Some(r) = &status.replication {

@@ -39,6 +39,25 @@ impl I256 {
         remainder as u64
     }
 
+    /// ±(10^`digits` − 1): the largest magnitude of a Decimal of `digits` digits (≤ 76).
+    pub(crate) fn all_nines(digits: u32, negative: bool) -> Self {
+        let mut value = Self {
+            limbs: [0; 4],
+            negative,
+        };
+        for _ in 0..digits {
+            // 10^76 - 1 < 2^255: never overflows for a Decimal's precision.
+            if value.mul_add(10, 9).is_err() {
+                break;
+            }
+        }
+        value
+    }
+
+    pub(crate) fn is_negative(&self) -> bool {
+        self.negative && !self.is_zero()
+    }
+
     fn is_zero(&self) -> bool {
         self.limbs == [0; 4]
     }
@@ -97,8 +116,24 @@ impl I256 {
 const NUMERIC_POS: u16 = 0x0000;
 const NUMERIC_NEG: u16 = 0x4000;
 
-/// Decodes a binary numeric scaled to `scale` fractional digits. `None` for NaN and ±Infinity.
-pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Option<I256>, String> {
+/// A decoded numeric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Numeric {
+    /// The value scaled to the requested scale.
+    Value(I256),
+    /// Too large for 256 bits at that scale (certainly too large for any Decimal).
+    TooLarge {
+        negative: bool,
+    },
+    /// ±Infinity.
+    Infinity {
+        negative: bool,
+    },
+    NaN,
+}
+
+/// Decodes a binary numeric scaled to `scale` fractional digits.
+pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Numeric, String> {
     let word = |i: usize| -> Result<u16, String> {
         bytes
             .get(i * 2..i * 2 + 2)
@@ -117,8 +152,9 @@ pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Option<I256>, 
     let negative = match sign {
         NUMERIC_POS => false,
         NUMERIC_NEG => true,
-        // 0xC000 NaN, 0xD000 +Infinity, 0xF000 -Infinity.
-        0xC000 | 0xD000 | 0xF000 => return Ok(None),
+        0xC000 => return Ok(Numeric::NaN),
+        0xD000 => return Ok(Numeric::Infinity { negative: false }),
+        0xF000 => return Ok(Numeric::Infinity { negative: true }),
         other => return Err(format!("bad numeric sign {other:#x}")),
     };
     let mut value = I256 {
@@ -136,7 +172,9 @@ pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Option<I256>, 
         if 4 * (weight - i as i64) + 3 < -(i64::from(scale) + 1) {
             continue;
         }
-        value.mul_add(10_000, u64::from(digit))?;
+        if value.mul_add(10_000, u64::from(digit)).is_err() {
+            return Ok(Numeric::TooLarge { negative });
+        }
         used += 1;
     }
     // value = digits × 10000^(weight - used + 1); we want it × 10^scale.
@@ -144,7 +182,9 @@ pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Option<I256>, 
     if exponent >= 0 {
         if !value.is_zero() {
             for _ in 0..exponent {
-                value.mul_add(10, 0)?;
+                if value.mul_add(10, 0).is_err() {
+                    return Ok(Numeric::TooLarge { negative });
+                }
             }
         }
     } else {
@@ -155,11 +195,11 @@ pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Option<I256>, 
         for _ in 0..(-exponent).min(80) {
             remainder = value.div_rem(10);
         }
-        if remainder >= 5 {
-            value.mul_add(1, 1)?;
+        if remainder >= 5 && value.mul_add(1, 1).is_err() {
+            return Ok(Numeric::TooLarge { negative });
         }
     }
-    Ok(Some(value))
+    Ok(Numeric::Value(value))
 }
 
 #[cfg(test)]
@@ -192,8 +232,17 @@ mod tests {
         out
     }
 
+    fn value(bytes: &[u8], scale: u32) -> I256 {
+        match from_pg_numeric(bytes, scale).unwrap() {
+            Numeric::Value(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn scaled(text: &str, scale: u32) -> i128 {
-        let v = from_pg_numeric(&pg(text), scale).unwrap().unwrap();
+        let Numeric::Value(v) = from_pg_numeric(&pg(text), scale).unwrap() else {
+            panic!("{text} is not a value");
+        };
         i128::from_le_bytes(v.to_le_bytes()[..16].try_into().unwrap())
     }
 
@@ -212,24 +261,36 @@ mod tests {
 
     #[test]
     fn special_values_and_garbage() {
-        for sign in [0xC000u16, 0xD000, 0xF000] {
+        for (sign, expected) in [
+            (0xC000u16, Numeric::NaN),
+            (0xD000, Numeric::Infinity { negative: false }),
+            (0xF000, Numeric::Infinity { negative: true }),
+        ] {
             let mut b = vec![0, 0, 0, 0];
             b.extend_from_slice(&sign.to_be_bytes());
             b.extend_from_slice(&[0, 0]);
-            assert_eq!(from_pg_numeric(&b, 2).unwrap(), None);
+            assert_eq!(from_pg_numeric(&b, 2).unwrap(), expected);
         }
         assert!(from_pg_numeric(&[0, 1, 0, 0, 0, 0, 0, 0], 0).is_err());
         assert!(from_pg_numeric(&[0, 1, 0, 0, 0, 0, 0, 0, 0x27, 0x10], 0).is_err());
         assert!(from_pg_numeric(&[], 0).is_err());
-        // 80 nines: too large for 256 bits.
-        assert!(from_pg_numeric(&pg(&"9".repeat(80)), 0).is_err());
+        // 80 nines: too large for 256 bits, which is not malformed.
+        assert_eq!(
+            from_pg_numeric(&pg(&format!("-{}", "9".repeat(80))), 0).unwrap(),
+            Numeric::TooLarge { negative: true }
+        );
+        let nines = I256::all_nines(76, false);
+        assert!(nines.has_at_most_digits(76) && !nines.has_at_most_digits(75));
+        assert!(nines.fits_in_bytes(32));
     }
 
     #[test]
     fn long_fractions_round_without_overflow() {
         // 100 fractional digits: rounds to 38, where accumulating all would overflow 256 bits.
         let text = format!("1.{}", "3".repeat(99) + "7");
-        let v = from_pg_numeric(&pg(&text), 38).unwrap().unwrap();
+        let Numeric::Value(v) = from_pg_numeric(&pg(&text), 38).unwrap() else {
+            panic!("not a value");
+        };
         let digits = format!("1{}", "3".repeat(38));
         let expected: i128 = digits.parse().unwrap();
         assert_eq!(
@@ -241,14 +302,14 @@ mod tests {
 
     #[test]
     fn widths() {
-        let v = from_pg_numeric(&pg("99999.9999"), 4).unwrap().unwrap();
+        let v = value(&pg("99999.9999"), 4);
         assert!(v.fits_in_bytes(4));
-        let v = from_pg_numeric(&pg("999999.9999"), 4).unwrap().unwrap();
+        let v = value(&pg("999999.9999"), 4);
         assert!(!v.fits_in_bytes(4) && v.fits_in_bytes(8));
         let max38 = "9".repeat(38);
-        let v = from_pg_numeric(&pg(&max38), 0).unwrap().unwrap();
+        let v = value(&pg(&max38), 0);
         assert!(v.fits_in_bytes(16));
-        let v = from_pg_numeric(&pg(&"9".repeat(76)), 0).unwrap().unwrap();
+        let v = value(&pg(&"9".repeat(76)), 0);
         assert!(!v.fits_in_bytes(16) && v.fits_in_bytes(32));
     }
 }

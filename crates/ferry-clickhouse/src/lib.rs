@@ -8,6 +8,7 @@
 //!   multisets) and the `<table>_current` views.
 //! - [`version`]: commit-ordered `_ferry_version`s.
 
+mod altered;
 pub mod compare;
 pub mod ddl;
 mod decimal;

@@ -59,7 +59,7 @@ impl Shape {
             ValueKind::Decimal { precision, .. } => Self::Fixed(decimal_width(*precision)),
             ValueKind::Bool => Self::Fixed(1),
             ValueKind::Uuid => Self::Fixed(16),
-            ValueKind::Enum | ValueKind::Bytes | ValueKind::Text => Self::String,
+            ValueKind::Enum | ValueKind::Bytes | ValueKind::Text | ValueKind::Json => Self::String,
             // Elements may always be NULL; ClickHouse has no Nullable(Array).
             ValueKind::Array(element) => {
                 return Self::Array(Box::new(Self::of(element, true)));
@@ -275,7 +275,7 @@ fn render_into(
                 out.push_str("+00");
             }
         }
-        ValueKind::Enum | ValueKind::Text => {
+        ValueKind::Enum | ValueKind::Text | ValueKind::Json => {
             let text = string(cursor)?;
             out.push_str(&String::from_utf8_lossy(text));
         }

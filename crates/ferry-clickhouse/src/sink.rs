@@ -2,11 +2,26 @@
 
 use bytes::Bytes;
 use clickhouse::Client;
-use ferry_proto::v1::{ClickHouseDestination, ColumnSchema, TableSchema};
+use ferry_proto::v1::{ClickHouseDestination, ColumnSchema, DestinationLimits, TableSchema};
 
 use crate::ddl::{self, DdlError, IS_DELETED_COLUMN, Ident, VERSION_COLUMN};
 use crate::lookup;
-use crate::types::MappingOptions;
+use crate::types::{Limits, MappingOptions, TypeOverride};
+
+/// Date32 bounds to try, widest first (days since 1970-01-01): 0000-01-01, 0001-01-01,
+/// 1900-01-01; 9999-12-31, 2299-12-31.
+const DATE_MIN_CANDIDATES: [i32; 3] = [-719_528, -719_162, Limits::CLASSIC.date_min_days];
+const DATE_MAX_CANDIDATES: [i32; 2] = [2_932_896, Limits::CLASSIC.date_max_days];
+/// DateTime64 bounds to try, widest first (microseconds since 1970-01-01 UTC), the same days.
+const TIMESTAMP_MIN_CANDIDATES: [i64; 3] = [
+    -62_167_219_200_000_000,
+    -62_135_596_800_000_000,
+    Limits::CLASSIC.timestamp_min_micros,
+];
+const TIMESTAMP_MAX_CANDIDATES: [i64; 2] = [
+    253_402_300_799_999_999,
+    Limits::CLASSIC.timestamp_max_micros,
+];
 
 /// A ClickHouse failure, phrased for the person who has to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +171,69 @@ impl Sink {
             .await
             .map(|_| ())
             .map_err(|e| self.classify("login check", e))
+    }
+
+    /// What the server can hold: the widest Date32 and DateTime64 range among the candidates
+    /// that round-trips exactly (a value beyond the server's range wraps or saturates without
+    /// an error, so only a round trip proves it), and whether it has the JSON type.
+    pub async fn probe_limits(&self) -> Result<DestinationLimits, SinkError> {
+        let date_min = self
+            .widest(&DATE_MIN_CANDIDATES, "toInt32(toDate32({n}))")
+            .await?;
+        let date_max = self
+            .widest(&DATE_MAX_CANDIDATES, "toInt32(toDate32({n}))")
+            .await?;
+        let micros = "toUnixTimestamp64Micro(fromUnixTimestamp64Micro(toInt64({n}), 'UTC'))";
+        let timestamp_min = self.widest(&TIMESTAMP_MIN_CANDIDATES, micros).await?;
+        let timestamp_max = self.widest(&TIMESTAMP_MAX_CANDIDATES, micros).await?;
+        let json_type = match self
+            .client
+            .query("SELECT toTypeName(CAST('{}' AS JSON))")
+            .fetch_one::<String>()
+            .await
+        {
+            Ok(name) => name.starts_with("JSON"),
+            // Unknown type, or one behind an experimental setting: not usable as is.
+            Err(e) => match self.classify("JSON probe", e) {
+                SinkError::Statement { .. } => false,
+                other => return Err(other),
+            },
+        };
+        Ok(DestinationLimits {
+            date_min_days: i32::try_from(date_min).unwrap_or(Limits::CLASSIC.date_min_days),
+            date_max_days: i32::try_from(date_max).unwrap_or(Limits::CLASSIC.date_max_days),
+            timestamp_min_micros: timestamp_min,
+            timestamp_max_micros: timestamp_max,
+            json_type,
+        })
+    }
+
+    /// The first of `candidates` that `expression` (with `{n}` the candidate) gives back
+    /// unchanged; the last candidate (the classic bound) if none does.
+    async fn widest<T: Into<i64> + Copy>(
+        &self,
+        candidates: &[T],
+        expression: &str,
+    ) -> Result<i64, SinkError> {
+        let mut last = 0;
+        for candidate in candidates {
+            let n: i64 = (*candidate).into();
+            last = n;
+            let sql = format!(
+                "SELECT toInt64({}) = {n}",
+                expression.replace("{n}", &n.to_string())
+            );
+            match self.client.query(&sql).fetch_one::<bool>().await {
+                Ok(true) => return Ok(n),
+                Ok(false) => {}
+                // A server that refuses the value outright does not hold it either.
+                Err(e) => match self.classify("range probe", e) {
+                    SinkError::Statement { .. } => {}
+                    other => return Err(other),
+                },
+            }
+        }
+        Ok(last)
     }
 
     /// Creates the destination database if missing.
@@ -326,8 +404,18 @@ impl Sink {
                 Ident(IS_DELETED_COLUMN).to_string(),
             ])
             .collect();
+        // JSON columns take their values as text (the transcoder writes Postgres's text).
+        let json = schema
+            .columns
+            .iter()
+            .any(|c| TypeOverride::parse(&c.clickhouse_type) == Some(TypeOverride::Json));
+        let settings = if json {
+            " SETTINGS input_format_binary_read_json_as_string = 1"
+        } else {
+            ""
+        };
         format!(
-            "INSERT INTO {}.{} ({}) FORMAT RowBinary",
+            "INSERT INTO {}.{} ({}){settings} FORMAT RowBinary",
             Ident(&self.database),
             Ident(table),
             columns.join(", ")

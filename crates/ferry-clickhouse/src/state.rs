@@ -135,6 +135,8 @@ impl Sink {
         let cursor = self
             .client()
             .query(query)
+            // Native JSON columns come back as the text the transcoder wrote.
+            .with_setting("output_format_binary_write_json_as_string", "1")
             .fetch_bytes("RowBinary")
             .map_err(|e| self.classify("verification read", e))?;
         // The delete flag, UInt8, follows the source columns.

@@ -30,7 +30,7 @@ pub(crate) fn to_binary(kind: &ValueKind, text: &[u8], out: &mut Vec<u8>) -> Res
         ValueKind::Timestamp { .. } => out.extend_from_slice(&timestamp(s)?.to_be_bytes()),
         ValueKind::Decimal { .. } => numeric(s, out)?,
         ValueKind::Bytes => hex(s, out)?,
-        ValueKind::Enum | ValueKind::Text => out.extend_from_slice(text),
+        ValueKind::Enum | ValueKind::Text | ValueKind::Json => out.extend_from_slice(text),
         ValueKind::Array(element) => array(element, s, out)?,
     }
     Ok(())

@@ -3,45 +3,22 @@
 //!
 //! Values arrive in Postgres's binary send format (from `COPY … (FORMAT binary)` or pgoutput's
 //! binary mode) and are written straight into a caller-owned buffer: no per-value allocation,
-//! no text round trip. Values ClickHouse cannot hold (±infinity timestamps, dates outside
-//! Date32, NaN in a Decimal column) are clamped or nulled and counted, never dropped silently.
-//! Malformed input is an error, never a panic.
+//! no text round trip. Values ClickHouse cannot hold (±infinity and dates or timestamps beyond
+//! the server's range, NaN numerics, numerics under the pipe's out-of-range policy) are
+//! clamped or nulled and counted per column, never dropped silently; a numeric the policy
+//! does not let through is an error naming the remedy. Malformed input is an error, never a
+//! panic.
 
-use ferry_proto::v1::ColumnSchema;
+use ferry_proto::v1::{AlterationKind, AlteredColumn, ColumnSchema};
 
-use crate::decimal::{self, I256};
+pub use crate::altered::{Adjustments, TranscodeError, sum_altered};
+use crate::altered::{Rules, ValueError, decimal_width, write_numeric};
 use crate::types::{MappingOptions, ValueKind, value_kind};
 
 /// Microseconds between 1970-01-01 and 2000-01-01 (Postgres's epoch).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// Days between 1970-01-01 and 2000-01-01.
 const PG_EPOCH_DAYS: i32 = 10_957;
-/// Date32 range: 1900-01-01 ..= 2299-12-31, in days since 1970-01-01.
-const DATE32_MIN: i32 = -25_567;
-const DATE32_MAX: i32 = 120_529;
-/// DateTime64 range (1900-01-01 00:00:00 ..= 2299-12-31 23:59:59.999999), in microseconds.
-const DATETIME64_MIN: i64 = -2_208_988_800_000_000;
-const DATETIME64_MAX: i64 = 10_413_791_999_999_999;
-
-/// A value that does not decode as its column's type.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("column {column}: {problem}")]
-pub struct TranscodeError {
-    /// The column.
-    pub column: String,
-    /// What is wrong.
-    pub problem: String,
-}
-
-/// What happened to values ClickHouse cannot represent exactly.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Adjustments {
-    /// Timestamps or dates clamped into ClickHouse's range (including ±infinity).
-    pub clamped: u64,
-    /// NaN or ±Infinity numerics written as NULL (or 0 in a non-nullable column).
-    pub nulled: u64,
-}
-
 /// Whether `column` must be read from Postgres cast to `text` (`text[]` for arrays): its
 /// ClickHouse column holds Postgres's text form, and its binary form is something else
 /// (jsonb's version byte, inet's address family, interval's fields, ...). Types whose binary
@@ -54,8 +31,8 @@ pub fn wants_text(column: &ColumnSchema, options: MappingOptions) -> bool {
         column.type_oid
     };
     let text_kind = match &kind {
-        ValueKind::Array(element) => **element == ValueKind::Text,
-        other => *other == ValueKind::Text,
+        ValueKind::Array(element) => matches!(**element, ValueKind::Text | ValueKind::Json),
+        other => matches!(other, ValueKind::Text | ValueKind::Json),
     };
     text_kind
         && !matches!(
@@ -75,7 +52,9 @@ pub fn select_list(columns: &[ColumnSchema], options: MappingOptions) -> Vec<Str
         .iter()
         .map(|c| {
             let name = format!("\"{}\"", c.name.replace('"', "\"\""));
-            match (wants_text(c, options), c.element_type_oid != 0) {
+            // An array the user stores as String is read as one text, not as text[].
+            let array = matches!(value_kind(c, options), ValueKind::Array(_));
+            match (wants_text(c, options), array) {
                 (true, true) => format!("{name}::text[]"),
                 (true, false) => format!("{name}::text"),
                 _ => name,
@@ -105,7 +84,14 @@ enum Format {
 #[derive(Debug, Clone)]
 pub struct RowTranscoder {
     columns: Vec<ColumnPlan>,
-    adjustments: Adjustments,
+    /// Per column, in order.
+    adjustments: Vec<Adjustments>,
+    /// Counts carried over from before this transcoder (an earlier stream, an earlier column
+    /// layout), added to its own when reported.
+    carried: Vec<AlteredColumn>,
+    rules: Rules,
+    /// schema.table, for errors.
+    table: String,
     /// Reused for text values converted to binary (no allocation per value).
     scratch: Vec<u8>,
 }
@@ -122,9 +108,54 @@ impl RowTranscoder {
                     nullable: c.nullable,
                 })
                 .collect(),
-            adjustments: Adjustments::default(),
+            adjustments: vec![Adjustments::default(); columns.len()],
+            carried: Vec::new(),
+            rules: Rules {
+                limits: options.limits,
+                out_of_range: options.out_of_range,
+            },
+            table: String::new(),
             scratch: Vec::new(),
         }
+    }
+
+    /// The same transcoder, naming `table` (schema.table) in its errors.
+    pub fn for_table(mut self, table: &str) -> Self {
+        table.clone_into(&mut self.table);
+        self
+    }
+
+    /// A transcoder for a new column layout of the same table, keeping the counts so far.
+    pub fn rebuilt(&self, columns: &[ColumnSchema], options: MappingOptions) -> Self {
+        let mut next = Self::new(columns, options).for_table(&self.table);
+        next.carried = self.altered();
+        next
+    }
+
+    /// Adds counts reported earlier (by a previous stream of the pipe) to this one's.
+    pub fn carry(&mut self, altered: &[AlteredColumn]) {
+        self.carried = sum_altered([self.carried.as_slice(), altered]);
+    }
+
+    /// Values altered so far, by column and kind (with the carried counts); zeros left out.
+    pub fn altered(&self) -> Vec<AlteredColumn> {
+        let mut own = Vec::new();
+        for (column, a) in self.columns.iter().zip(&self.adjustments) {
+            for (kind, count) in [
+                (AlterationKind::Clamped, a.clamped),
+                (AlterationKind::Nulled, a.nulled),
+                (AlterationKind::Emptied, a.emptied),
+            ] {
+                if count > 0 {
+                    own.push(AlteredColumn {
+                        column: column.name.clone(),
+                        kind: kind.into(),
+                        count,
+                    });
+                }
+            }
+        }
+        sum_altered([self.carried.as_slice(), own.as_slice()])
     }
 
     /// Number of source columns.
@@ -132,9 +163,13 @@ impl RowTranscoder {
         self.columns.len()
     }
 
-    /// What was clamped or nulled so far.
+    /// What was clamped, nulled or emptied so far, over all columns (not the carried counts).
     pub fn adjustments(&self) -> Adjustments {
-        self.adjustments
+        let mut sum = Adjustments::default();
+        for a in &self.adjustments {
+            sum.add(*a);
+        }
+        sum
     }
 
     /// As [`RowTranscoder::write_row`] for values in Postgres's text format (logical
@@ -203,19 +238,34 @@ impl RowTranscoder {
     ) -> Result<(), TranscodeError> {
         let mut count = 0;
         let mut values = values.into_iter();
-        for column in &self.columns {
-            let failed = |problem| TranscodeError {
-                column: column.name.clone(),
-                problem,
+        // A delete marker's values other than its key are fillers, not the user's values.
+        let mut discarded = vec![Adjustments::default(); self.columns.len()];
+        let adjustments = if is_deleted {
+            &mut discarded
+        } else {
+            &mut self.adjustments
+        };
+        for (column, adjusted) in self.columns.iter().zip(adjustments.iter_mut()) {
+            let failed = |problem| {
+                let (problem, out_of_range) = match problem {
+                    ValueError::Malformed(p) => (p, false),
+                    ValueError::OutOfRange(p) => (p, true),
+                };
+                TranscodeError {
+                    table: self.table.clone(),
+                    column: column.name.clone(),
+                    problem,
+                    out_of_range,
+                }
             };
             let value = values
                 .next()
-                .ok_or_else(|| failed("missing from the row".into()))?;
+                .ok_or_else(|| failed(ValueError::Malformed("missing from the row".into())))?;
             let value = match (format, value) {
                 (Format::Binary, value) => value,
                 (Format::Text { .. }, Some(text)) => {
                     crate::text::to_binary(&column.kind, text, &mut self.scratch)
-                        .map_err(failed)?;
+                        .map_err(|e| failed(e.into()))?;
                     Some(self.scratch.as_slice())
                 }
                 (
@@ -230,13 +280,15 @@ impl RowTranscoder {
                 }
                 (Format::Text { .. }, None) => None,
             };
-            write_column(column, value, out, &mut self.adjustments).map_err(failed)?;
+            write_column(column, value, &self.rules, out, adjusted).map_err(failed)?;
             count += 1;
         }
         if values.next().is_some() {
             return Err(TranscodeError {
+                table: self.table.clone(),
                 column: format!("#{}", count + 1),
                 problem: format!("row has more than the {count} columns of the table"),
+                out_of_range: false,
             });
         }
         out.extend_from_slice(&version.to_le_bytes());
@@ -248,12 +300,14 @@ impl RowTranscoder {
 fn write_column(
     column: &ColumnPlan,
     value: Option<&[u8]>,
+    rules: &Rules,
     out: &mut Vec<u8>,
     adjustments: &mut Adjustments,
-) -> Result<(), String> {
+) -> Result<(), ValueError> {
     match value {
         // ClickHouse has no Nullable(Array): a NULL array is written as an empty one.
         None if matches!(column.kind, ValueKind::Array(_)) => {
+            adjustments.emptied += 1;
             write_varint(0, out);
             Ok(())
         }
@@ -261,10 +315,12 @@ fn write_column(
             out.push(1);
             Ok(())
         }
-        None => Err("NULL in a column declared NOT NULL".into()),
+        None => Err(ValueError::Malformed(
+            "NULL in a column declared NOT NULL".into(),
+        )),
         Some(bytes) => {
             let nullable = column.nullable && !matches!(column.kind, ValueKind::Array(_));
-            write_value(&column.kind, bytes, nullable, out, adjustments)
+            write_value(&column.kind, bytes, nullable, rules, out, adjustments)
         }
     }
 }
@@ -274,12 +330,13 @@ fn write_value(
     kind: &ValueKind,
     bytes: &[u8],
     nullable: bool,
+    rules: &Rules,
     out: &mut Vec<u8>,
     adjustments: &mut Adjustments,
-) -> Result<(), String> {
+) -> Result<(), ValueError> {
     if let ValueKind::Decimal { precision, scale } = kind {
         // A numeric may turn out NULL (NaN, ±Infinity), so it writes its own marker.
-        return write_numeric(*precision, *scale, bytes, nullable, out, adjustments);
+        return write_numeric(*precision, *scale, bytes, nullable, rules, out, adjustments);
     }
     if nullable {
         out.push(0);
@@ -314,7 +371,7 @@ fn write_value(
         ValueKind::Date => {
             let days = i32::from_be_bytes(fixed(bytes)?);
             let unix = days.saturating_add(PG_EPOCH_DAYS);
-            let clamped = unix.clamp(DATE32_MIN, DATE32_MAX);
+            let clamped = unix.clamp(rules.limits.date_min_days, rules.limits.date_max_days);
             if clamped != unix {
                 adjustments.clamped += 1;
             }
@@ -323,58 +380,25 @@ fn write_value(
         ValueKind::Timestamp { .. } => {
             let micros = i64::from_be_bytes(fixed(bytes)?);
             let unix = micros.saturating_add(PG_EPOCH_MICROS);
-            let clamped = unix.clamp(DATETIME64_MIN, DATETIME64_MAX);
+            let clamped = unix.clamp(
+                rules.limits.timestamp_min_micros,
+                rules.limits.timestamp_max_micros,
+            );
             if clamped != unix {
                 adjustments.clamped += 1;
             }
             out.extend_from_slice(&clamped.to_le_bytes());
         }
-        ValueKind::Enum | ValueKind::Bytes | ValueKind::Text => write_string(bytes, out),
-        ValueKind::Array(element) => write_array(element, bytes, out, adjustments)?,
+        ValueKind::Enum | ValueKind::Bytes | ValueKind::Text | ValueKind::Json => {
+            write_string(bytes, out)
+        }
+        ValueKind::Array(element) => write_array(element, bytes, rules, out, adjustments)?,
         // Routed to write_numeric before the marker; kept for exhaustiveness.
         ValueKind::Decimal { precision, scale } => {
-            write_numeric(*precision, *scale, bytes, false, out, adjustments)?;
+            write_numeric(*precision, *scale, bytes, false, rules, out, adjustments)?;
         }
     }
     Ok(())
-}
-
-fn write_numeric(
-    precision: u32,
-    scale: u32,
-    bytes: &[u8],
-    nullable: bool,
-    out: &mut Vec<u8>,
-    adjustments: &mut Adjustments,
-) -> Result<(), String> {
-    match decimal::from_pg_numeric(bytes, scale)? {
-        Some(value) => {
-            if nullable {
-                out.push(0);
-            }
-            write_decimal(value, precision, out)
-        }
-        None => {
-            // NaN and ±Infinity have no Decimal form.
-            adjustments.nulled += 1;
-            if nullable {
-                out.push(1);
-                Ok(())
-            } else {
-                write_decimal(I256::ZERO, precision, out)
-            }
-        }
-    }
-}
-
-/// Bytes of a Decimal of `precision` digits in RowBinary.
-fn decimal_width(precision: u32) -> usize {
-    match precision {
-        0..=9 => 4,
-        10..=18 => 8,
-        19..=38 => 16,
-        _ => 32,
-    }
 }
 
 /// The zero value of a non-nullable column of `kind`.
@@ -387,30 +411,23 @@ fn write_zero(kind: &ValueKind, out: &mut Vec<u8>) {
         ValueKind::Bool => 1,
         ValueKind::Uuid => 16,
         // Empty string or empty array: a zero length.
-        ValueKind::Enum | ValueKind::Bytes | ValueKind::Text | ValueKind::Array(_) => 1,
+        ValueKind::Enum
+        | ValueKind::Bytes
+        | ValueKind::Text
+        | ValueKind::Json
+        | ValueKind::Array(_) => 1,
     };
     out.extend(std::iter::repeat_n(0, width));
-}
-
-fn write_decimal(value: I256, precision: u32, out: &mut Vec<u8>) -> Result<(), String> {
-    let width = decimal_width(precision);
-    if !value.has_at_most_digits(precision) || !value.fits_in_bytes(width) {
-        return Err(format!(
-            "numeric value has more than {precision} digits and does not fit Decimal({precision}); \
-             map unconstrained numerics to String or resync with a precision"
-        ));
-    }
-    out.extend_from_slice(&value.to_le_bytes()[..width]);
-    Ok(())
 }
 
 /// A one-dimensional Postgres array (`array_send`) as ClickHouse Array of nullable elements.
 fn write_array(
     element: &ValueKind,
     bytes: &[u8],
+    rules: &Rules,
     out: &mut Vec<u8>,
     adjustments: &mut Adjustments,
-) -> Result<(), String> {
+) -> Result<(), ValueError> {
     let mut reader = Reader(bytes);
     let dimensions = reader.i32()?;
     let _has_nulls = reader.i32()?;
@@ -423,20 +440,22 @@ fn write_array(
             usize::try_from(len).map_err(|_| format!("negative array length {len}"))?
         }
         n => {
-            return Err(format!(
+            return Err(ValueError::Malformed(format!(
                 "{n}-dimensional arrays are not supported; use one dimension"
-            ));
+            )));
         }
     };
     write_varint(count as u64, out);
     for _ in 0..count {
         match reader.field()? {
             None => out.push(1),
-            Some(value) => write_value(element, value, true, out, adjustments)?,
+            Some(value) => write_value(element, value, true, rules, out, adjustments)?,
         }
     }
     if !reader.0.is_empty() {
-        return Err("trailing bytes after the array".into());
+        return Err(ValueError::Malformed(
+            "trailing bytes after the array".into(),
+        ));
     }
     Ok(())
 }
@@ -495,7 +514,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::oid;
+    use crate::types::{Limits, oid};
 
     fn column(name: &str, type_oid: u32, typmod: i32, nullable: bool) -> ColumnSchema {
         ColumnSchema {
@@ -545,7 +564,10 @@ mod tests {
             MappingOptions::default(),
         );
         let out = row(&mut t, &[Some(&i64::MAX.to_be_bytes())]).unwrap();
-        assert_eq!(&out[..8], &DATETIME64_MAX.to_le_bytes());
+        assert_eq!(
+            &out[..8],
+            &Limits::CLASSIC.timestamp_max_micros.to_le_bytes()
+        );
         let out = row(&mut t, &[Some(&0i64.to_be_bytes())]).unwrap();
         assert_eq!(&out[..8], &PG_EPOCH_MICROS.to_le_bytes());
         assert_eq!(t.adjustments().clamped, 1);

@@ -5,7 +5,10 @@
 //! worker. Types without a faithful ClickHouse equivalent become `String` holding Postgres's own
 //! text form, which loses nothing.
 
-use ferry_proto::v1::ColumnSchema;
+use ferry_proto::v1::{
+    ColumnSchema, DestinationLimits, OutOfRange as ProtoOutOfRange, PipeSettings,
+    UnconstrainedNumeric,
+};
 
 /// Built-in type oids (from `pg_type.dat`; fixed across Postgres versions).
 pub mod oid {
@@ -35,11 +38,127 @@ pub mod oid {
 /// Largest precision ClickHouse's Decimal takes.
 pub const MAX_DECIMAL_PRECISION: u32 = 76;
 
-/// Choices the mapping leaves to the user.
+/// Choices the mapping leaves to the user, and what the destination server holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MappingOptions {
     /// Map `numeric` without precision to `String` instead of `Decimal(76, 38)`.
     pub unconstrained_numeric_as_string: bool,
+    /// What happens to a numeric its Decimal cannot hold.
+    pub out_of_range: OutOfRange,
+    /// The date and timestamp range of the destination server.
+    pub limits: Limits,
+}
+
+impl MappingOptions {
+    /// The options of a pipe: its settings and the limits Setup recorded (`None` for a pipe
+    /// created before Ferry probed them: the classic range).
+    pub fn for_pipe(settings: &PipeSettings, limits: Option<&DestinationLimits>) -> Self {
+        Self {
+            unconstrained_numeric_as_string: settings.unconstrained_numeric()
+                == UnconstrainedNumeric::String,
+            out_of_range: match settings.out_of_range() {
+                ProtoOutOfRange::Clamp => OutOfRange::Clamp,
+                ProtoOutOfRange::Null => OutOfRange::Null,
+                ProtoOutOfRange::Fail | ProtoOutOfRange::Unspecified => OutOfRange::Fail,
+            },
+            limits: limits.map_or_else(Limits::default, Limits::from),
+        }
+    }
+}
+
+/// What happens to a numeric value its Decimal column cannot hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutOfRange {
+    /// The row fails, and with it the pipe.
+    #[default]
+    Fail,
+    /// Saturated to the Decimal's largest or smallest value.
+    Clamp,
+    /// NULL where the column is Nullable; a failure elsewhere.
+    Null,
+}
+
+/// The range of Date32 and DateTime64 the destination server holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Days since 1970-01-01.
+    pub date_min_days: i32,
+    /// Days since 1970-01-01.
+    pub date_max_days: i32,
+    /// Microseconds since 1970-01-01 UTC.
+    pub timestamp_min_micros: i64,
+    /// Microseconds since 1970-01-01 UTC.
+    pub timestamp_max_micros: i64,
+}
+
+impl Limits {
+    /// The range every ClickHouse version since Date32 holds: 1900-01-01 ..= 2299-12-31.
+    pub const CLASSIC: Self = Self {
+        date_min_days: -25_567,
+        date_max_days: 120_529,
+        timestamp_min_micros: -2_208_988_800_000_000,
+        timestamp_max_micros: 10_413_791_999_999_999,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::CLASSIC
+    }
+}
+
+impl From<&DestinationLimits> for Limits {
+    fn from(limits: &DestinationLimits) -> Self {
+        Self {
+            date_min_days: limits.date_min_days,
+            date_max_days: limits.date_max_days,
+            timestamp_min_micros: limits.timestamp_min_micros,
+            timestamp_max_micros: limits.timestamp_max_micros,
+        }
+    }
+}
+
+/// A ClickHouse type a user may choose for a column (`TableMapping.column_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeOverride {
+    /// `String`: Postgres's text form of any value.
+    String,
+    /// `Decimal(P, S)` for a numeric.
+    Decimal {
+        /// Digits in all.
+        precision: u32,
+        /// Digits after the point.
+        scale: u32,
+    },
+    /// `JSON` for json and jsonb.
+    Json,
+}
+
+impl TypeOverride {
+    /// Parses `String`, `JSON` or `Decimal(P, S)` (spaces optional); `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "String" => return Some(Self::String),
+            "JSON" => return Some(Self::Json),
+            _ => {}
+        }
+        let inner = text.trim().strip_prefix("Decimal(")?.strip_suffix(')')?;
+        let (p, s) = inner.split_once(',')?;
+        let (precision, scale): (u32, u32) = (p.trim().parse().ok()?, s.trim().parse().ok()?);
+        ((1..=MAX_DECIMAL_PRECISION).contains(&precision) && scale <= precision)
+            .then_some(Self::Decimal { precision, scale })
+    }
+
+    /// Whether a column of `column`'s type can take this type: String any, Decimal a
+    /// numeric, JSON a json or jsonb.
+    pub fn fits(self, column: &ColumnSchema) -> bool {
+        let scalar = column.element_type_oid == 0;
+        match self {
+            Self::String => true,
+            Self::Decimal { .. } => scalar && column.type_oid == oid::NUMERIC,
+            Self::Json => scalar && matches!(column.type_oid, oid::JSON | oid::JSONB),
+        }
+    }
 }
 
 /// How a column's values are carried, which decides both its ClickHouse type and how the
@@ -76,6 +195,8 @@ pub enum ValueKind {
     Bytes,
     /// String holding Postgres's text form of the value.
     Text,
+    /// JSON, written as its text (a user's choice for json and jsonb).
+    Json,
     /// Array of the element kind.
     Array(Box<ValueKind>),
 }
@@ -96,6 +217,7 @@ impl ValueKind {
             Self::Timestamp { .. } => "DateTime64(6, 'UTC')".into(),
             Self::Enum => "LowCardinality(String)".into(),
             Self::Bytes | Self::Text => "String".into(),
+            Self::Json => "JSON".into(),
             Self::Array(element) => format!("Array({})", element.nullable_type()),
         }
     }
@@ -161,8 +283,20 @@ fn numeric_kind(typmod: i32, options: MappingOptions) -> ValueKind {
     ValueKind::Decimal { precision, scale }
 }
 
-/// How `column`'s values are carried.
+/// How `column`'s values are carried: as the user chose (`clickhouse_type`, recorded by
+/// Setup), else by the mapping of DESIGN.md §5.
 pub fn value_kind(column: &ColumnSchema, options: MappingOptions) -> ValueKind {
+    if !column.clickhouse_type.is_empty() {
+        match TypeOverride::parse(&column.clickhouse_type) {
+            Some(TypeOverride::String) => return ValueKind::Text,
+            Some(TypeOverride::Json) => return ValueKind::Json,
+            Some(TypeOverride::Decimal { precision, scale }) => {
+                return ValueKind::Decimal { precision, scale };
+            }
+            // Setup records only types that parse; anything else keeps the default mapping.
+            None => {}
+        }
+    }
     if column.element_type_oid != 0 {
         // Array typmods apply to the element (numeric(10,2)[] has the numeric's typmod).
         let element = scalar_kind(
@@ -253,10 +387,49 @@ mod tests {
         }
         let unconstrained = MappingOptions {
             unconstrained_numeric_as_string: true,
+            ..Default::default()
         };
         assert_eq!(
             column_type(&col(oid::NUMERIC, -1, false), unconstrained),
             "String"
+        );
+    }
+
+    #[test]
+    fn user_chosen_types() {
+        let o = MappingOptions::default();
+        let mut n = col(oid::NUMERIC, -1, true);
+        n.clickhouse_type = "Decimal(10, 2)".into();
+        assert_eq!(column_type(&n, o), "Nullable(Decimal(10, 2))");
+        n.clickhouse_type = "String".into();
+        assert_eq!(column_type(&n, o), "Nullable(String)");
+        let mut j = col(oid::JSONB, -1, false);
+        j.clickhouse_type = "JSON".into();
+        assert_eq!(column_type(&j, o), "JSON");
+        assert_eq!(
+            TypeOverride::parse("Decimal(76,38)"),
+            Some(TypeOverride::Decimal {
+                precision: 76,
+                scale: 38
+            })
+        );
+        for bad in [
+            "Decimal(77, 0)",
+            "Decimal(5, 6)",
+            "Int64",
+            "string",
+            "Decimal(0, 0)",
+        ] {
+            assert_eq!(TypeOverride::parse(bad), None, "{bad}");
+        }
+        assert!(TypeOverride::String.fits(&col(oid::DATE, -1, false)));
+        assert!(!TypeOverride::Json.fits(&col(oid::TEXT, -1, false)));
+        assert!(
+            !TypeOverride::Decimal {
+                precision: 5,
+                scale: 0
+            }
+            .fits(&col(oid::INT4, -1, false))
         );
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use ferry_clickhouse::ddl;
 use ferry_clickhouse::sink::{Sink, SinkError};
-use ferry_clickhouse::types::MappingOptions;
+use ferry_clickhouse::types::{MappingOptions, TypeOverride};
 use ferry_core::PipeMode;
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::naming::default_slot_and_publication;
@@ -18,7 +18,8 @@ use ferry_core::secret::{SecretError, SecretKey};
 use ferry_core::spec::source_table_name;
 use ferry_postgres::{SourceError, connection, replication, schema, snapshot, validate};
 use ferry_proto::v1::{
-    PipeError, PipeSecrets, PipeSpec, SnapshotPartition, SourceResources, TableState, TableStatus,
+    DestinationLimits, PipeError, PipeSecrets, PipeSpec, SnapshotPartition, SourceResources,
+    TableMapping, TableSchema, TableState, TableStatus,
 };
 use ferry_server::telemetry::error_chain;
 use ferry_store::{Fence, PipeRecord, Store, StoreError};
@@ -38,6 +39,13 @@ pub(crate) enum SetupProblem {
     Secret(#[source] SecretError),
     #[error("destination table {table} already holds {rows} rows")]
     NotEmpty { table: String, rows: u64 },
+    #[error("spec.tables[{index}].column_types[{column}]: {problem}")]
+    ColumnType {
+        table: String,
+        index: usize,
+        column: String,
+        problem: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -48,7 +56,7 @@ impl SetupProblem {
             Self::Source(e) => e.is_transient(),
             Self::Sink(e) => e.is_transient(),
             Self::Store(_) => true,
-            Self::Secret(_) | Self::NotEmpty { .. } => false,
+            Self::Secret(_) | Self::NotEmpty { .. } | Self::ColumnType { .. } => false,
         }
     }
 
@@ -62,6 +70,12 @@ impl SetupProblem {
             ),
             Self::NotEmpty { table, .. } => (
                 "empty or drop the table, pick another destination database, or set settings.allow_non_empty_destination".into(),
+                Some(table.clone()),
+            ),
+            Self::ColumnType { table, index, column, .. } => (
+                format!(
+                    "correct or remove spec.tables[{index}].column_types[{column}] (`--column-type {table}.{column}=…`) and create the pipe again (`ferry delete`, then `ferry create`)"
+                ),
                 Some(table.clone()),
             ),
             Self::Store(_) => ("retry once etcd is healthy".into(), None),
@@ -184,7 +198,6 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
     let spec = &record.spec;
     let name = &spec.name;
     let settings = spec.settings.unwrap_or_default();
-    let options = MappingOptions::default();
     let secrets = open_secrets(&ctx.store, &ctx.key, name).await?;
     let source_spec = spec.source.clone().unwrap_or_default();
     let destination = spec.destination.clone().unwrap_or_default();
@@ -195,13 +208,17 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
     validate::check_source(&source, spec, slot.as_deref().unwrap_or("")).await?;
     let sink = Sink::new(&destination, &secrets.destination_password);
     sink.check().await?;
+    // What the server holds decides what is clamped; every worker builds from this record.
+    let limits = sink.probe_limits().await?;
+    let options = MappingOptions::for_pipe(&settings, Some(&limits));
     let recorded: std::collections::HashMap<String, TableState> =
         ctx.store.table_states(name).await?.into_iter().collect();
     let mut tables = Vec::with_capacity(spec.tables.len());
-    for mapping in &spec.tables {
+    for (index, mapping) in spec.tables.iter().enumerate() {
         let table = source_table_name(mapping);
-        let described =
+        let mut described =
             schema::describe_table(&source, &mapping.source_schema, &mapping.source_table).await?;
+        apply_column_types(index, mapping, &mut described, &limits)?;
         // Refuse a table Ferry cannot create before creating any.
         ddl::create_table(
             &destination.database,
@@ -236,6 +253,9 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
     ctx.store
         .put_resources(&ctx.fence, name, &resources)
         .await?;
+    ctx.store
+        .put_destination_limits(&ctx.fence, name, &limits)
+        .await?;
     if !resources.publication.is_empty() {
         let names: Vec<String> = spec.tables.iter().map(source_table_name).collect();
         replication::ensure_publication(&source, &resources.publication, &names).await?;
@@ -247,9 +267,10 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
     // would otherwise be neither in the recorded schema nor announced by the stream.
     sink.create_database().await?;
     let mut states = Vec::with_capacity(tables.len());
-    for (mapping, (table, _)) in spec.tables.iter().zip(tables) {
-        let described =
+    for (index, (mapping, (table, _))) in spec.tables.iter().zip(tables).enumerate() {
+        let mut described =
             schema::describe_table(&source, &mapping.source_schema, &mapping.source_table).await?;
+        apply_column_types(index, mapping, &mut described, &limits)?;
         sink.create_table(&mapping.destination_table, &described, options)
             .await?;
         sink.create_view(&mapping.destination_table, &described)
@@ -287,6 +308,45 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
     })
 }
 
+/// Records the ClickHouse types the user chose (`spec.tables[index].column_types`) in the
+/// described schema, refusing a column that does not exist or cannot take the type.
+fn apply_column_types(
+    index: usize,
+    mapping: &TableMapping,
+    described: &mut TableSchema,
+    limits: &DestinationLimits,
+) -> Result<(), SetupProblem> {
+    let table = source_table_name(mapping);
+    for (name, ty) in &mapping.column_types {
+        let refuse = |problem: String| SetupProblem::ColumnType {
+            table: table.clone(),
+            index,
+            column: name.clone(),
+            problem,
+        };
+        let column = described
+            .columns
+            .iter_mut()
+            .find(|c| c.name == *name)
+            .ok_or_else(|| refuse(format!("{table} has no column {name}")))?;
+        let chosen = TypeOverride::parse(ty)
+            .ok_or_else(|| refuse(format!("{ty:?} is not a supported column type")))?;
+        if !chosen.fits(column) {
+            return Err(refuse(format!(
+                "{ty} cannot hold {} values (String takes any column, Decimal a numeric, JSON a json or jsonb)",
+                column.type_name
+            )));
+        }
+        if chosen == TypeOverride::Json && !limits.json_type {
+            return Err(refuse(
+                "the ClickHouse server has no JSON type; use String".into(),
+            ));
+        }
+        column.clickhouse_type.clone_from(ty);
+    }
+    Ok(())
+}
+
 /// Per-table progress from a snapshot plan (the pipe's status shows it).
 pub(crate) fn table_progress(
     spec: &PipeSpec,
@@ -308,6 +368,10 @@ pub(crate) fn table_progress(
                 if p.done {
                     status.partitions_done += 1;
                     status.rows_copied += p.rows_copied;
+                    status.altered = ferry_clickhouse::transcode::sum_altered([
+                        status.altered.as_slice(),
+                        p.altered.as_slice(),
+                    ]);
                 }
             }
             status

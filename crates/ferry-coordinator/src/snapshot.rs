@@ -90,14 +90,19 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
     let progress = table_progress(&record.spec, &plan);
     if let Some(stuck) = plan
         .iter()
-        .find(|p| !p.done && p.attempts >= MAX_PARTITION_ATTEMPTS)
+        // A failure with a remedy is one retrying cannot fix (a value out of range).
+        .find(|p| !p.done && (p.attempts >= MAX_PARTITION_ATTEMPTS || !p.last_remedy.is_empty()))
     {
         let error = PipeError {
             message: format!(
                 "snapshot partition {} of {} failed {} times; last error: {}",
                 stuck.index, stuck.source_table, stuck.attempts, stuck.last_error
             ),
-            remedy: "fix the cause in the error, then resync the pipe".into(),
+            remedy: if stuck.last_remedy.is_empty() {
+                "fix the cause in the error, then recreate the pipe (`ferry delete`, then `ferry create`): resync does not exist yet".into()
+            } else {
+                stuck.last_remedy.clone()
+            },
             table: stuck.source_table.clone(),
             occurred_at: Some(SystemTime::now().into()),
         };

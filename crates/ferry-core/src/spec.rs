@@ -8,7 +8,8 @@ use std::collections::HashSet;
 use std::fmt;
 
 use ferry_proto::v1::{
-    ClickHouseDestination, PipeSettings, PipeSpec, PostgresSource, SslMode, TableMapping,
+    ClickHouseDestination, OutOfRange, PipeSettings, PipeSpec, PostgresSource, SslMode,
+    TableMapping, UnconstrainedNumeric,
 };
 use prost_types::Duration;
 
@@ -115,12 +116,11 @@ pub fn normalize_new_pipe(mut spec: PipeSpec) -> Result<PipeSpec, InvalidSpec> {
         ),
     }
     let settings = spec.settings.take().unwrap_or_default();
-    spec.settings = Some(merge_settings(
-        &defaults(),
-        &settings,
-        "spec.settings",
-        &mut v,
-    ));
+    let mut merged = merge_settings(&defaults(), &settings, "spec.settings", &mut v);
+    for (field, description) in crate::mapping::creation_settings(&mut merged, &settings) {
+        v.add(field, description);
+    }
+    spec.settings = Some(merged);
     v.finish(spec)
 }
 
@@ -132,6 +132,9 @@ pub fn apply_settings_update(
 ) -> Result<PipeSettings, InvalidSpec> {
     let mut v = Violations::default();
     let merged = merge_settings(current, update, "settings", &mut v);
+    for (field, description) in crate::mapping::fixed_settings(update) {
+        v.add(field, description);
+    }
     v.finish(merged)
 }
 
@@ -164,6 +167,8 @@ fn defaults() -> PipeSettings {
         snapshot_parallel_partitions: Some(DEFAULT_PARALLEL_PARTITIONS),
         snapshot_parallel_tables: Some(DEFAULT_PARALLEL_TABLES),
         allow_non_empty_destination: Some(false),
+        unconstrained_numeric: UnconstrainedNumeric::Decimal7638.into(),
+        out_of_range: OutOfRange::Fail.into(),
     }
 }
 
@@ -245,6 +250,10 @@ fn normalize_tables(
             format!("{at}.destination_table"),
             check_identifier(&table.destination_table),
         );
+        for (field, description) in crate::mapping::check_column_types(&mut table.column_types, &at)
+        {
+            v.add(field, description);
+        }
         let source = source_table_name(table);
         if !sources.insert(source.clone()) {
             v.add(
@@ -327,6 +336,9 @@ fn merge_settings(
         allow_non_empty_destination: update
             .allow_non_empty_destination
             .or(current.allow_non_empty_destination),
+        // Fixed at creation (creation_settings, apply_settings_update).
+        unconstrained_numeric: current.unconstrained_numeric,
+        out_of_range: current.out_of_range,
     }
 }
 
@@ -537,11 +549,13 @@ mod tests {
             source_schema: "public".into(),
             source_table: "orders".into(),
             destination_table: "orders_copy".into(),
+            ..Default::default()
         });
         spec.tables.push(TableMapping {
             source_schema: "sales".into(),
             source_table: "orders".into(),
             destination_table: String::new(),
+            ..Default::default()
         });
         let err = normalize_new_pipe(spec).unwrap_err();
         assert_eq!(

@@ -153,6 +153,8 @@ pub async fn describe_table(
             element_type_oid,
             type_kind,
             dropped: false,
+            // The user's choice is Setup's to record (spec.tables[i].column_types).
+            clickhouse_type: String::new(),
         });
     }
 

@@ -31,6 +31,7 @@ fn spec(pg: &Postgres, user: &str, tables: &[&str]) -> PipeSpec {
                     source_schema: schema.into(),
                     source_table: table.into(),
                     destination_table: table.into(),
+                    ..Default::default()
                 }
             })
             .collect(),

@@ -18,7 +18,7 @@ use ferry_core::secret::{SecretError, SecretKey};
 use ferry_core::spec::source_table_name;
 use ferry_postgres::copy::{CopyDecoder, CopyError, DecodeError};
 use ferry_postgres::{SourceError, connection, snapshot};
-use ferry_proto::v1::{PipeSpec, SnapshotPartition, TableSchema, TableState};
+use ferry_proto::v1::{AlteredColumn, PipeSpec, SnapshotPartition, TableSchema, TableState};
 use ferry_store::{Store, StoreError};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
@@ -67,8 +67,30 @@ pub enum PartitionError {
     TooManyRelations(String),
 }
 
-/// Copies `partition` of the pipe `spec` into its destination table. Returns the rows copied
-/// and the visibility of the snapshot they were read under.
+impl PartitionError {
+    /// What to do, for a failure retrying cannot fix (a value the destination cannot hold
+    /// under the pipe's policy); `None` for failures worth retrying.
+    pub fn remedy(&self) -> Option<String> {
+        match self {
+            Self::Transcode(e) if e.out_of_range => Some(e.remedy()),
+            _ => None,
+        }
+    }
+}
+
+/// A partition copied: its rows, the values written altered, by column, and the snapshot
+/// it was read under.
+#[derive(Debug, Clone, Default)]
+pub struct Copied {
+    /// Rows read and written.
+    pub rows: u64,
+    /// Values clamped, nulled or emptied, by column.
+    pub altered: Vec<AlteredColumn>,
+    /// The visibility of the snapshot read under (`pg_current_snapshot()`).
+    pub visibility: String,
+}
+
+/// Copies `partition` of the pipe `spec` into its destination table.
 pub async fn copy_partition(
     store: &Store,
     key: &SecretKey,
@@ -76,7 +98,7 @@ pub async fn copy_partition(
     state: &TableState,
     partition: &SnapshotPartition,
     exported_snapshot: Option<&str>,
-) -> Result<(u64, String), PartitionError> {
+) -> Result<Copied, PartitionError> {
     let schema = state
         .schema
         .as_ref()
@@ -104,32 +126,38 @@ pub async fn copy_partition(
         &spec.destination.clone().unwrap_or_default(),
         &secrets.destination_password,
     );
+    let limits = store.destination_limits(&spec.name).await?;
+    let options = MappingOptions::for_pipe(&spec.settings.unwrap_or_default(), limits.as_ref());
     let statement = Arc::new(sink.insert_statement(&mapping.destination_table, schema));
-    let rows = read_partition(&source, schema, partition, move |body| {
+    let copied = read_partition(&source, schema, partition, options, move |body| {
         let (sink, statement) = (sink.clone(), Arc::clone(&statement));
         async move { Ok(sink.insert(&statement, body).await?) }
     })
     .await?;
     // Read-only: nothing to commit; ending the transaction frees the snapshot import.
     let _ = source.batch_execute("ROLLBACK").await;
-    Ok((rows, visibility))
+    Ok(Copied {
+        visibility,
+        ..copied
+    })
 }
 
 /// Reads one partition with binary COPY on `source` (in the transaction the caller opened),
 /// transcodes it to RowBinary, and hands batches of at most [`BATCH_ROWS`] rows or
 /// [`BATCH_BYTES`] to `flush`. One flush runs while the next batch is read, so reading and
-/// writing overlap; memory stays at two batches whatever the table size. Returns the rows read.
+/// writing overlap; memory stays at two batches whatever the table size. Returns the rows read
+/// and the values written altered.
 pub async fn read_partition<F, Fut>(
     source: &tokio_postgres::Client,
     schema: &TableSchema,
     partition: &SnapshotPartition,
+    options: MappingOptions,
     flush: F,
-) -> Result<u64, PartitionError>
+) -> Result<Copied, PartitionError>
 where
     F: Fn(Bytes) -> Fut,
     Fut: Future<Output = Result<(), PartitionError>> + Send + 'static,
 {
-    let options = MappingOptions::default();
     // A keyless table is a multiset: each row's version is its place in the snapshot, read
     // with it as the first column, so identical rows stay distinct and a partition copied
     // again collapses onto itself.
@@ -147,7 +175,8 @@ where
         .map_err(PartitionError::Copy)?;
     tokio::pin!(stream);
     let mut decoder = CopyDecoder::new(select.len());
-    let mut transcoder = RowTranscoder::new(&schema.columns, options);
+    let mut transcoder =
+        RowTranscoder::new(&schema.columns, options).for_table(&partition.source_table);
     let mut body = Vec::with_capacity(BATCH_BYTES + BATCH_SLACK);
     let mut batch_rows = 0u64;
     let mut rows = 0u64;
@@ -186,24 +215,31 @@ where
         flush(Bytes::from(body)).await?;
     }
     let adjustments = transcoder.adjustments();
-    if adjustments.clamped > 0 || adjustments.nulled > 0 {
+    if adjustments != Default::default() {
         tracing::info!(
             table = %partition.source_table,
             partition = partition.index,
             clamped = adjustments.clamped,
             nulled = adjustments.nulled,
-            "values outside ClickHouse's range were adjusted"
+            emptied = adjustments.emptied,
+            "values ClickHouse cannot hold were altered (counted in the pipe's status)"
         );
     }
-    Ok(rows)
+    Ok(Copied {
+        rows,
+        altered: transcoder.altered(),
+        visibility: String::new(),
+    })
 }
 
 /// The version of a keyless table's snapshot row from its binary `tid` (block u32, offset
 /// u16).
 fn ctid_version(relation: u16, tid: Option<&[u8]>) -> Result<u128, TranscodeError> {
     let failed = || TranscodeError {
+        table: String::new(),
         column: "ctid".into(),
         problem: "expected a 6-byte tid".into(),
+        out_of_range: false,
     };
     let tid: [u8; 6] = tid.and_then(|t| t.try_into().ok()).ok_or_else(failed)?;
     let block = u32::from_be_bytes([tid[0], tid[1], tid[2], tid[3]]);

@@ -195,12 +195,13 @@ async fn copy_claimed(
         }
     };
     let outcome = match copied {
-        Ok((rows, visibility)) => {
+        Ok(copied) => {
             partition.done = true;
-            partition.rows_copied = rows;
+            partition.rows_copied = copied.rows;
+            partition.altered = copied.altered;
             partition.worker_id = ctx.worker_id.clone();
             partition.snapshot_id = snapshot;
-            partition.snapshot_visibility = visibility;
+            partition.snapshot_visibility = copied.visibility;
             partition.last_error.clear();
             complete(&ctx, &claim, &partition).await
         }
@@ -214,6 +215,8 @@ async fn copy_claimed(
             warn!(error = %text, "partition copy failed");
             partition.attempts += 1;
             partition.last_error = text;
+            // Set only when retrying cannot help: the coordinator then fails the pipe at once.
+            partition.last_remedy = error.remedy().unwrap_or_default();
             ctx.store.release_claim(&claim, Some(&partition)).await
         }
     };

@@ -71,6 +71,11 @@ impl Keys {
         format!("{}{table}/{index:05}", self.snapshot_partitions(pipe))
     }
 
+    /// `pipes/<pipe>/destination`: what the destination server holds (DestinationLimits).
+    pub fn pipe_destination(&self, pipe: &str) -> String {
+        format!("{}destination", self.pipe(pipe))
+    }
+
     /// `pipes/<pipe>/resources`: source objects Ferry created and must drop on delete.
     pub fn pipe_resources(&self, pipe: &str) -> String {
         format!("{}resources", self.pipe(pipe))

@@ -7,7 +7,9 @@
 //! with its lease and the partition is claimed again; finished partitions stay done.
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
-use ferry_proto::v1::{ExportedSnapshot, SnapshotPartition, SourceResources, TableState};
+use ferry_proto::v1::{
+    DestinationLimits, ExportedSnapshot, SnapshotPartition, SourceResources, TableState,
+};
 use prost::Message;
 
 use crate::keys::display_key;
@@ -191,6 +193,7 @@ impl Store {
             let mut partition = planned.partition.clone();
             partition.done = false;
             partition.rows_copied = 0;
+            partition.altered.clear();
             partition.snapshot_id.clear();
             partition.snapshot_visibility.clear();
             let txn = Txn::new()
@@ -337,6 +340,33 @@ impl Store {
             .find(|(k, ..)| *k == key)
             .map(|(_, r, _)| r)
             .unwrap_or_default())
+    }
+
+    /// Records what the destination server holds (Setup probes it).
+    pub async fn put_destination_limits(
+        &self,
+        fence: &Fence,
+        pipe: &str,
+        limits: &DestinationLimits,
+    ) -> Result<(), StoreError> {
+        let key = self.keys().pipe_destination(pipe);
+        self.put_fenced(fence, vec![(key, limits.encode_to_vec())])
+            .await
+    }
+
+    /// What the destination server holds, if Setup recorded it (pipes created before Ferry
+    /// probed it have nothing: their workers use the classic range).
+    pub async fn destination_limits(
+        &self,
+        pipe: &str,
+    ) -> Result<Option<DestinationLimits>, StoreError> {
+        let key = self.keys().pipe_destination(pipe);
+        Ok(self
+            .list::<DestinationLimits>(key.clone())
+            .await?
+            .into_iter()
+            .find(|(k, ..)| *k == key)
+            .map(|(_, limits, _)| limits))
     }
 
     /// Publishes the snapshot partitions should import.

@@ -119,6 +119,13 @@ pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
                 table.deleted = changes.deleted;
                 table.renamed_to.clone_from(&changes.renamed_to);
             }
+            // Alterations: the snapshot's (in the status) plus the stream's.
+            if let Some(altered) = replication.altered.get(&table.source_table) {
+                table.altered = ferry_clickhouse::transcode::sum_altered([
+                    table.altered.as_slice(),
+                    altered.columns.as_slice(),
+                ]);
+            }
         }
         status.replication = Some(replication.clone());
     }
