@@ -41,13 +41,17 @@ pub struct CdcArgs {
     /// Seconds of the latency phase.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// Rows of the unchanged-TOAST phase: a bulk UPDATE that leaves a 10 kB jsonb value
+    /// unchanged, without and with REPLICA IDENTITY FULL (0 skips it).
+    #[arg(long, default_value_t = 100_000)]
+    toast_rows: u64,
 }
 
-fn lsn_text(lsn: u64) -> String {
+pub(crate) fn lsn_text(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
 
-async fn current_lsn(db: &tokio_postgres::Client) -> anyhow::Result<u64> {
+pub(crate) async fn current_lsn(db: &tokio_postgres::Client) -> anyhow::Result<u64> {
     let text: String = db
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
@@ -218,6 +222,15 @@ pub async fn run(args: CdcArgs) -> anyhow::Result<()> {
     eprintln!("latency at {} changes/s for {} s", args.rate, args.seconds);
     let (p50, p99) = latency(&pg, &ch, &args).await?;
     let peak_kib = cdc_worker.peak_rss_kib().unwrap_or(0);
+    let toast = if args.toast_rows > 0 {
+        eprintln!(
+            "unchanged TOAST: bulk updates of {} rows with 10 kB jsonb values",
+            args.toast_rows
+        );
+        Some(crate::toast::run(&pg, &ch, &ferry, &client, args.toast_rows).await?)
+    } else {
+        None
+    };
 
     println!();
     println!(
@@ -252,14 +265,27 @@ pub async fn run(args: CdcArgs) -> anyhow::Result<()> {
         "cdc worker peak RSS                   {:.1} MB  (target <= 128 MB)",
         peak_kib as f64 / 1024.0
     );
+    if let Some(toast) = toast {
+        toast.print();
+    }
     if decoded < changes {
         bail!("the null sink decoded {decoded} changes, expected {changes}");
     }
     Ok(())
 }
 
-async fn state(
+pub(crate) async fn state(
     client: &ferry_proto::v1::pipe_service_client::PipeServiceClient<tonic::transport::Channel>,
+    want: PipeState,
+    within: Duration,
+) -> anyhow::Result<()> {
+    pipe_state(client, "bench", want, within).await
+}
+
+/// Waits until pipe `name` is in state `want`.
+pub(crate) async fn pipe_state(
+    client: &ferry_proto::v1::pipe_service_client::PipeServiceClient<tonic::transport::Channel>,
+    name: &str,
     want: PipeState,
     within: Duration,
 ) -> anyhow::Result<()> {
@@ -268,7 +294,7 @@ async fn state(
         async move {
             let pipe = client
                 .get_pipe(GetPipeRequest {
-                    name: "bench".into(),
+                    name: name.into(),
                 })
                 .await
                 .ok()?

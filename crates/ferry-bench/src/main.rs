@@ -23,6 +23,7 @@ use ferry_testkit::wait;
 use tokio_stream::StreamExt as _;
 
 mod cdc;
+mod toast;
 
 /// Ferry benchmarks.
 #[derive(Debug, Parser)]

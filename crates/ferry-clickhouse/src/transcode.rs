@@ -46,7 +46,10 @@ pub fn wants_text(column: &ColumnSchema, options: MappingOptions) -> bool {
 }
 
 /// The select list to read `columns` with, so values arrive as the transcoder expects them:
-/// quoted names, cast to text where [`wants_text`] says so.
+/// quoted names, as text where [`wants_text`] says so. The text is the type's output function
+/// (`format('%s', …)`), which pgoutput's text mode also prints: a cast to text can differ
+/// (`inet` adds `/32` to a host address, `boolean` spells `true`), and the snapshot and the
+/// stream must write the same value.
 pub fn select_list(columns: &[ColumnSchema], options: MappingOptions) -> Vec<String> {
     columns
         .iter()
@@ -55,8 +58,18 @@ pub fn select_list(columns: &[ColumnSchema], options: MappingOptions) -> Vec<Str
             // An array the user stores as String is read as one text, not as text[].
             let array = matches!(value_kind(c, options), ValueKind::Array(_));
             match (wants_text(c, options), array) {
-                (true, true) => format!("{name}::text[]"),
-                (true, false) => format!("{name}::text"),
+                // Element by element, in order, NULLs kept; a multi-dimensional array is read
+                // as it is, for the transcoder to refuse.
+                (true, true) => format!(
+                    "CASE WHEN {name} IS NULL THEN NULL \
+                     WHEN array_ndims({name}) > 1 THEN {name}::text[] ELSE ARRAY(\
+                     SELECT CASE WHEN e IS NULL THEN NULL ELSE format('%s', e) END \
+                     FROM unnest({name}) WITH ORDINALITY AS u(e, i) ORDER BY i) END"
+                ),
+                // format('%s', NULL) is '', not NULL.
+                (true, false) => {
+                    format!("CASE WHEN {name} IS NULL THEN NULL ELSE format('%s', {name}) END")
+                }
                 _ => name,
             }
         })

@@ -108,7 +108,8 @@ pub const COMPARE: &[(&str, &str)] = &[
         "'[' || coalesce(array_to_string(ae, ','), '') || ']'",
         "concat('[', arrayStringConcat(arrayMap(x -> ifNull(x, 'NULL'), ae), ','), ']')",
     ),
-    ("ip::text", "ip"),
+    // As Postgres prints it (a cast to text would add /32 to a host address).
+    ("CASE WHEN ip IS NOT NULL THEN format('%s', ip) END", "ip"),
     ("net::text", "net"),
     ("mac::text", "mac"),
     ("cash::text", "cash"),

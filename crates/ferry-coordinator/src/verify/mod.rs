@@ -21,6 +21,7 @@ use ferry_clickhouse::transcode::TranscodeError;
 use ferry_core::PipeState;
 use ferry_core::lifecycle::state_name;
 use ferry_core::secret::{SecretError, SecretKey};
+use ferry_clickhouse::types::MappingOptions;
 use ferry_core::spec::source_table_name;
 use ferry_postgres::SourceError;
 use ferry_postgres::consistent::ConsistentSnapshot;
@@ -106,6 +107,9 @@ pub(crate) struct TablePlan {
     pub(crate) destination_table: String,
     /// The source schema Setup recorded (kept current by the CDC worker).
     pub(crate) schema: TableSchema,
+    /// How the pipe maps and writes values (its settings, the destination's probed range),
+    /// so Postgres rows transcode exactly as the workers wrote them.
+    pub(crate) options: MappingOptions,
 }
 
 /// A verification, checked and ready to run.
@@ -145,13 +149,18 @@ pub(crate) async fn plan(
         }
     }
     let states = store.table_states(name).await.map_err(store_status)?;
+    let limits = store.destination_limits(name).await.map_err(store_status)?;
+    let options = MappingOptions::for_pipe(
+        &record.spec.settings.unwrap_or_default(),
+        limits.as_ref(),
+    );
     let mut tables = Vec::new();
     for mapping in &record.spec.tables {
         let source_table = source_table_name(mapping);
         if !request.tables.is_empty() && !request.tables.contains(&source_table) {
             continue;
         }
-        let schema = states
+        let mut schema = states
             .iter()
             .find(|(t, _)| *t == source_table)
             .and_then(|(_, state)| state.schema.clone())
@@ -160,10 +169,14 @@ pub(crate) async fn plan(
                     "pipe {name} has no recorded schema for {source_table}"
                 ))
             })?;
+        // The table as it is now: under its current name (the stream records renames) and
+        // without the columns dropped at the source, which ClickHouse keeps.
+        schema.columns.retain(|c| !c.dropped);
         tables.push(TablePlan {
             source_table,
             destination_table: mapping.destination_table.clone(),
             schema,
+            options,
         });
     }
     let timeout = request

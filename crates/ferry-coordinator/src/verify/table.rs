@@ -169,7 +169,7 @@ pub(crate) async fn compare(
     stage: VerifyStage,
 ) -> Result<Pass, VerifyError> {
     let schema = &table.schema;
-    let options = MappingOptions::default();
+    let options = table.options;
     let estimate = snapshot.estimated_rows(schema).await?;
     let mut progress = Progress {
         context,
