@@ -55,8 +55,10 @@ async fn a_hostile_workload_with_every_service_killed_verifies_equal() {
         .await
         .unwrap();
 
-    // Writes run from before the snapshot to well after it.
+    // Writes run from before the snapshot to well after it; the rename waits until the pipe
+    // streams (Setup refuses a table missing under its name).
     let writer = stack.pg.client("postgres").await.unwrap();
+    let (streaming, mut wait_streaming) = tokio::sync::watch::channel(false);
     let workload = tokio::spawn(async move {
         for i in 0..240i64 {
             let id = 1000 + i;
@@ -68,7 +70,7 @@ async fn a_hostile_workload_with_every_service_killed_verifies_equal() {
                      INSERT INTO everything SELECT {id}, i2, i4, i8, o, f4, f8, n12, n60, nu, b, t, vc, c, nm, ba, u, d, ts, tstz,
                        tm, tmz, iv, js, jb, ai, at, an, e, ae, ip, net, mac, cash, bits, vb, x, tsv, pt, rng, dom
                        FROM everything WHERE id = {source};
-                     UPDATE everything SET i4 = coalesce(i4, 0) + 1 WHERE id IN (4, {source});
+                     UPDATE everything SET i4 = coalesce(i4, 0) % 1000 + 1 WHERE id IN (4, {source});
                      UPDATE everything SET at = at || '{{\" sp \",\"x,y\"}}' WHERE id = {id};
                      DELETE FROM everything WHERE id = {id} - 7;
                      INSERT INTO bag VALUES ({a}, 'w', '{{\" q\"}}'), ({a}, 'w', '{{\" q\"}}');
@@ -86,6 +88,7 @@ async fn a_hostile_workload_with_every_service_killed_verifies_equal() {
                 .await
                 .unwrap();
             if i == 119 {
+                wait_streaming.wait_for(|s| *s).await.unwrap();
                 writer
                     .batch_execute("ALTER TABLE items RENAME TO items_renamed")
                     .await
@@ -96,17 +99,23 @@ async fn a_hostile_workload_with_every_service_killed_verifies_equal() {
 
     // Mid-snapshot: the leader (holding the exported snapshot) and the snapshot worker die.
     let store = stack.ferry.store().await.unwrap();
-    wait::until(WITHIN, || async {
+    let copied = wait::until(WITHIN, || async {
         let plan = store.snapshot_plan("hostile").await.ok()?;
         plan.iter().any(|p| p.partition.done).then_some(())
     })
-    .await
-    .expect("a first partition was copied");
+    .await;
+    if copied.is_none() {
+        panic!(
+            "no partition was copied: {}",
+            stack.diagnose("hostile").await
+        );
+    }
     stack.coordinator.process().kill9();
     stack.snapshot.process().kill9();
     stack.snapshot = stack.ferry.worker(WorkerKind::Snapshot, "s2").unwrap();
     stack.client = standby.pipe_client().await.unwrap();
     stack.wait_state("hostile", PipeState::Running).await;
+    streaming.send_replace(true);
 
     // Mid-stream: the CDC worker dies once it has checkpointed.
     wait::until(WITHIN, || async {

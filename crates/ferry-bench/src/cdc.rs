@@ -293,9 +293,7 @@ pub(crate) async fn pipe_state(
         let mut client = client.clone();
         async move {
             let pipe = client
-                .get_pipe(GetPipeRequest {
-                    name: name.into(),
-                })
+                .get_pipe(GetPipeRequest { name: name.into() })
                 .await
                 .ok()?
                 .into_inner()

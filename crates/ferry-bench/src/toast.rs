@@ -35,8 +35,14 @@ impl ToastRun {
         );
         println!("{:<44} {:>9} {:>12}", "run", "seconds", "rows/s");
         for (name, seconds) in [
-            ("(d) keyed lookups (no REPLICA IDENTITY FULL)", self.looked_up),
-            ("(e) REPLICA IDENTITY FULL (old row sent)", self.full_identity),
+            (
+                "(d) keyed lookups (no REPLICA IDENTITY FULL)",
+                self.looked_up,
+            ),
+            (
+                "(e) REPLICA IDENTITY FULL (old row sent)",
+                self.full_identity,
+            ),
         ] {
             println!(
                 "{name:<44} {seconds:>9.2} {:>12.0}",

@@ -83,7 +83,7 @@ pub const COMPARE: &[(&str, &str)] = &[
         "toString(ts)",
     ),
     (
-        "to_char(tstz, 'YYYY-MM-DD HH24:MI:SS.US')",
+        "CASE WHEN tstz = 'infinity' THEN '9999-12-31 23:59:59.999999' WHEN tstz = '-infinity' THEN '0000-01-01 00:00:00.000000' ELSE to_char(tstz, 'YYYY-MM-DD HH24:MI:SS.US') END",
         "toString(tstz)",
     ),
     ("tm::text", "tm"),

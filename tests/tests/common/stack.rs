@@ -232,6 +232,21 @@ impl Stack {
         self.cdc = self.ferry.worker(WorkerKind::Cdc, id).unwrap();
     }
 
+    /// What went wrong, for a panic message: the pipe's status and the services' last
+    /// warnings and errors.
+    pub async fn diagnose(&self, name: &str) -> String {
+        let status = self.pipe(name).await.and_then(|p| p.status);
+        let logs = self.logs();
+        let problems: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        format!(
+            "status: {status:?}\nwarnings:\n{}",
+            problems[problems.len().saturating_sub(15)..].join("\n")
+        )
+    }
+
     /// The log of every service so far.
     pub fn logs(&self) -> String {
         self.ferry.all_logs()

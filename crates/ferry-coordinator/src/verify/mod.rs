@@ -18,10 +18,10 @@ use ferry_clickhouse::compare::Tally;
 use ferry_clickhouse::sink::{Sink, SinkError};
 use ferry_clickhouse::state::ReadError;
 use ferry_clickhouse::transcode::TranscodeError;
+use ferry_clickhouse::types::MappingOptions;
 use ferry_core::PipeState;
 use ferry_core::lifecycle::state_name;
 use ferry_core::secret::{SecretError, SecretKey};
-use ferry_clickhouse::types::MappingOptions;
 use ferry_core::spec::source_table_name;
 use ferry_postgres::SourceError;
 use ferry_postgres::consistent::ConsistentSnapshot;
@@ -150,10 +150,8 @@ pub(crate) async fn plan(
     }
     let states = store.table_states(name).await.map_err(store_status)?;
     let limits = store.destination_limits(name).await.map_err(store_status)?;
-    let options = MappingOptions::for_pipe(
-        &record.spec.settings.unwrap_or_default(),
-        limits.as_ref(),
-    );
+    let options =
+        MappingOptions::for_pipe(&record.spec.settings.unwrap_or_default(), limits.as_ref());
     let mut tables = Vec::new();
     for mapping in &record.spec.tables {
         let source_table = source_table_name(mapping);
