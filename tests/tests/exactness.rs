@@ -8,7 +8,7 @@
 mod common;
 
 use common::stack::{Stack, WITHIN};
-use ferry_proto::v1::{PipeMode, PipeSettings, PipeState, UpdatePipeSettingsRequest};
+use ferry_proto::v1::{PipeMode, PipeSettings, PipeState, UpdatePipeSettingsRequest, WorkerKind};
 use ferry_testkit::wait;
 
 /// A keyless bag of rows, read element by element (a NULL array lands as an empty one).
@@ -365,4 +365,68 @@ async fn a_changed_replica_identity_fails_the_table_instead_of_writing_wrong_key
         .await
         .unwrap();
     assert_eq!(zero, 0);
+}
+
+#[tokio::test]
+async fn a_table_read_under_two_snapshots_with_the_same_id_is_read_again() {
+    let mut stack = Stack::start(
+        "CREATE TABLE split (id int PRIMARY KEY, note text);
+         INSERT INTO split SELECT i, 'row ' || i FROM generate_series(1, 20000) i;
+         ANALYZE split;",
+    )
+    .await;
+    // No snapshot worker yet: the partitions wait under the exported snapshot.
+    stack.snapshot.process().kill9();
+    let mut spec = stack.spec("twice", &["split"], PipeMode::SnapshotOnly);
+    spec.settings.as_mut().unwrap().snapshot_rows_per_partition = Some(5_000);
+    stack
+        .client
+        .create_pipe(ferry_proto::v1::CreatePipeRequest {
+            spec: Some(spec),
+            secrets: None,
+        })
+        .await
+        .unwrap();
+    let store = stack.ferry.store().await.unwrap();
+    let current = wait::until(WITHIN, || async {
+        store.exported_snapshot("twice").await.ok()?
+    })
+    .await
+    .expect("the coordinator exported a snapshot");
+
+    // A partition that looks finished under the live export's id — as after a server restart,
+    // when a new export can get the id of an old one — but was read under another snapshot:
+    // what it wrote includes a row deleted before the live snapshot was taken.
+    let plan = store.snapshot_plan("twice").await.unwrap();
+    assert!(plan.len() > 1, "the table is split");
+    let mut first = plan[0].partition.clone();
+    first.done = true;
+    first.rows_copied = 1;
+    first.snapshot_id = current.snapshot_id.clone();
+    first.snapshot_visibility = "1:1:".into();
+    stack
+        .clickhouse
+        .query("INSERT INTO dest.split (id, note, _ferry_version, _ferry_is_deleted) VALUES (0, 'deleted since', 0, 0)")
+        .execute()
+        .await
+        .unwrap();
+    let mut etcd = store.client();
+    etcd.put(
+        store
+            .keys()
+            .snapshot_partition("twice", "public.split", first.index),
+        prost::Message::encode_to_vec(&first),
+        None,
+    )
+    .await
+    .unwrap();
+
+    stack.snapshot = stack.ferry.worker(WorkerKind::Snapshot, "s2").unwrap();
+    stack.wait_state("twice", PipeState::Completed).await;
+    stack
+        .converge(
+            "SELECT id::text, note FROM split",
+            "SELECT toString(id), note FROM dest.split_current",
+        )
+        .await;
 }

@@ -10,7 +10,6 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use ferry_clickhouse::ddl;
 use ferry_clickhouse::sink::Sink;
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::spec::source_table_name;
@@ -79,14 +78,6 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         return Ok(());
     }
     let plan: Vec<_> = planned.iter().map(|p| p.partition.clone()).collect();
-    let keyless_tables: BTreeSet<String> = ctx
-        .store
-        .table_states(name)
-        .await?
-        .into_iter()
-        .filter(|(_, state)| state.schema.as_ref().is_some_and(ddl::is_keyless))
-        .map(|(table, _)| table)
-        .collect();
     let progress = table_progress(&record.spec, &plan);
     if let Some(stuck) = plan
         .iter()
@@ -125,10 +116,11 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         return Ok(());
     }
     // Each table must be read under one snapshot. A table that is not finished, or whose
-    // finished partitions disagree, is completed under the current one. Snapshots are told
-    // apart by their visibility, not their id (an id can repeat after a server restart).
+    // finished partitions disagree, is read again from scratch under the current one: rows
+    // copied under an older snapshot cannot be taken back one by one (a row deleted in
+    // between, a keyless row's copies), so the destination table is emptied first. Snapshots
+    // are told apart by their visibility, not their id (an id can repeat after a restart).
     if let Some(current) = ctx.store.exported_snapshot(name).await? {
-        let mut stale = Vec::new();
         let mut reread = Vec::new();
         let tables: BTreeSet<&str> = plan.iter().map(|p| p.source_table.as_str()).collect();
         for table in tables {
@@ -142,34 +134,33 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
                 .filter(|p| p.partition.done)
                 .map(|p| p.partition.snapshot_visibility.as_str())
                 .collect();
-            let old: Vec<_> = parts
+            let old = parts
                 .iter()
-                .filter(|p| {
-                    p.partition.done && p.partition.snapshot_visibility != current.visibility
-                })
-                .collect();
-            if !(unfinished || seen.len() > 1) || old.is_empty() {
-                continue;
-            }
-            if keyless_tables.contains(table) {
-                // A keyless table's rows are a multiset keyed by their place in one snapshot:
-                // rows of another snapshot cannot be overwritten, only removed. Start the
-                // table over once none of its partitions is being copied.
+                .any(|p| p.partition.done && p.partition.snapshot_visibility != current.visibility);
+            if (unfinished || seen.len() > 1) && old {
                 reread.push((
                     table.to_owned(),
                     parts.into_iter().cloned().collect::<Vec<_>>(),
                 ));
-            } else {
-                stale.extend(old.into_iter().map(|p| (*p).clone()));
             }
         }
-        if !stale.is_empty() {
-            warn!(pipe = %name, partitions = stale.len(), "partitions read under an older snapshot; reading them again");
-            ctx.store.reset_partitions(&ctx.fence, &stale).await?;
-            return Ok(());
-        }
         if !reread.is_empty() {
-            restart_keyless(ctx, record, reread).await?;
+            let settings = record.spec.settings.unwrap_or_default();
+            if settings.allow_non_empty_destination == Some(true) {
+                // Rows that were there before the pipe must not be emptied with the copy:
+                // read the older partitions again over what they wrote.
+                let stale: Vec<_> = reread
+                    .into_iter()
+                    .flat_map(|(_, parts)| parts)
+                    .filter(|p| {
+                        p.partition.done && p.partition.snapshot_visibility != current.visibility
+                    })
+                    .collect();
+                warn!(pipe = %name, partitions = stale.len(), "partitions read under an older snapshot; reading them again over a destination that may hold other rows");
+                ctx.store.reset_partitions(&ctx.fence, &stale).await?;
+            } else {
+                restart_tables(ctx, record, reread).await?;
+            }
             return Ok(());
         }
     }
@@ -205,10 +196,11 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
     Ok(())
 }
 
-/// Empties the destination of keyless tables read under more than one snapshot and plans them
-/// again from scratch, for each table once no partition of it is being copied (a copy in
-/// flight would land its old rows after the truncation).
-async fn restart_keyless(
+/// Empties the destination of tables read under more than one snapshot and plans them again
+/// from scratch, for each table once no partition of it is being copied (a copy in flight
+/// would land its old rows after the truncation). Before the snapshot ends the destination
+/// holds nothing but snapshot rows, so emptying it loses nothing.
+async fn restart_tables(
     ctx: &SetupContext,
     record: &PipeRecord,
     tables: Vec<(String, Vec<PlannedPartition>)>,
@@ -220,7 +212,7 @@ async fn restart_keyless(
         Ok(secrets) => secrets,
         Err(SetupProblem::Store(error)) => return Err(error),
         Err(problem) => {
-            warn!(pipe = %name, error = %error_chain(&problem), "cannot restart keyless tables");
+            warn!(pipe = %name, error = %error_chain(&problem), "cannot restart tables read under two snapshots");
             return Ok(());
         }
     };
@@ -246,10 +238,10 @@ async fn restart_keyless(
             continue;
         };
         if let Err(error) = sink.truncate(&mapping.destination_table).await {
-            warn!(pipe = %name, table = %table, error = %error_chain(&error), "cannot empty a keyless table to read it again");
+            warn!(pipe = %name, table = %table, error = %error_chain(&error), "cannot empty a table to read it again");
             continue;
         }
-        warn!(pipe = %name, table = %table, "keyless table read under more than one snapshot; reading it again from scratch");
+        warn!(pipe = %name, table = %table, "table read under more than one snapshot; reading it again from scratch");
         ctx.store.reset_partitions(&ctx.fence, &parts).await?;
     }
     Ok(())

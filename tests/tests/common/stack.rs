@@ -212,14 +212,26 @@ impl Stack {
             })
             .await;
             if reached.is_none() {
-                let got = self.ch_rows(clickhouse).await;
+                let got = self.ch_rows(clickhouse).await.unwrap_or_default();
+                let missing: Vec<_> = expected
+                    .iter()
+                    .filter(|r| !got.contains(r))
+                    .take(5)
+                    .collect();
+                let extra: Vec<_> = got
+                    .iter()
+                    .filter(|r| !expected.contains(r))
+                    .take(5)
+                    .collect();
                 let logs = self.logs();
                 let problems: Vec<&str> = logs
                     .lines()
                     .filter(|l| l.contains("WARN") || l.contains("ERROR"))
                     .collect();
                 panic!(
-                    "{caller}: clickhouse never matched postgres\n postgres:   {expected:?}\n clickhouse: {got:?}\n warnings: {}",
+                    "{caller}: clickhouse never matched postgres: {} rows vs {}\n missing (first 5): {missing:?}\n extra (first 5): {extra:?}\n warnings: {}",
+                    expected.len(),
+                    got.len(),
                     problems[problems.len().saturating_sub(10)..].join("\n")
                 );
             }
