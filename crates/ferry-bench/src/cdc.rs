@@ -267,6 +267,10 @@ pub async fn run(args: CdcArgs) -> anyhow::Result<()> {
     );
     if let Some(toast) = toast {
         toast.print();
+        println!(
+            "cdc worker peak RSS after it           {:.1} MB  (target <= 128 MB)",
+            cdc_worker.peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+        );
     }
     if decoded < changes {
         bail!("the null sink decoded {decoded} changes, expected {changes}");

@@ -71,10 +71,11 @@ pub(crate) async fn run(
             "CREATE TABLE {table} (id bigint PRIMARY KEY, n int NOT NULL, doc jsonb NOT NULL);
              ALTER TABLE {table} ALTER doc SET STORAGE EXTERNAL;
              INSERT INTO {table} SELECT i, 0, jsonb_build_object('pad', repeat(md5(i::text), 312))
-               FROM generate_series(1::bigint, {rows}) i;
-             VACUUM ANALYZE {table};"
+               FROM generate_series(1::bigint, {rows}) i;"
         ))
         .await?;
+        // VACUUM cannot run in the implicit transaction of a multi-statement batch.
+        db.batch_execute(&format!("VACUUM ANALYZE {table}")).await?;
     }
     db.batch_execute("ALTER TABLE toast_full REPLICA IDENTITY FULL")
         .await?;

@@ -29,7 +29,7 @@ use ferry_store::cdc::CdcClaim;
 use tracing::info;
 
 use crate::stream::StreamError;
-use crate::toast::{Backfill, Deferred, Lookup};
+use crate::toast::{self, Backfill, Deferred, Lookup, Resolved};
 
 /// What writing and evolving a table needs to reach.
 pub(crate) struct TableContext<'a> {
@@ -601,13 +601,37 @@ impl TableBatch {
 
     /// Resolves deferred rows, then inserts the buffered rows. Returns how many.
     pub(crate) async fn write(&mut self, ctx: &TableContext<'_>) -> Result<u64, StreamError> {
-        if !self.toast.pending.is_empty() {
-            let mut toast = std::mem::take(&mut self.toast);
+        let filled = if self.toast.pending.is_empty() {
+            0
+        } else {
+            self.fill_in(ctx).await?
+        };
+        self.toast.clear();
+        if self.rows == 0 {
+            return Ok(filled);
+        }
+        ctx.sink
+            .insert(&self.statement, Bytes::from(std::mem::take(&mut self.body)))
+            .await?;
+        Ok(filled + std::mem::take(&mut self.rows))
+    }
+
+    /// Resolves the deferred rows (unchanged TOAST values), a lookup's worth at a time, each
+    /// chunk written before the next is looked up so memory stays bounded. Returns the rows
+    /// written.
+    async fn fill_in(&mut self, ctx: &TableContext<'_>) -> Result<u64, StreamError> {
+        let mut stats = Resolved::default();
+        let source_table = self.current_name();
+        loop {
+            let chunk = self.toast.next_chunk();
+            if chunk.is_empty() {
+                break;
+            }
             let lookup = Lookup {
                 sink: ctx.sink,
                 source: ctx.source,
                 table: &self.name,
-                source_table: &self.current_name(),
+                source_table: &source_table,
                 key: ddl::key_columns(&self.schema),
                 columns: self
                     .written
@@ -615,39 +639,27 @@ impl TableBatch {
                     .map(|(i, _)| &self.schema.columns[*i])
                     .collect(),
             };
-            let mut resolved = Vec::new();
-            let mut scratch_rows = 0;
-            let mut transcoder = self.transcoder.clone();
-            let resolved_result = toast
-                .resolve(&lookup, |version, values| {
-                    transcoder.write_text_row(values, version, false, &mut resolved)?;
-                    scratch_rows += 1;
-                    Ok(())
-                })
-                .await;
-            drop(lookup);
-            self.toast = toast;
-            let stats = resolved_result?;
-            info!(
-                table = %self.source_table,
-                rows = stats.rows,
-                lookups = stats.lookups,
-                source_lookups = stats.source_lookups,
-                dropped = stats.dropped,
-                "unchanged TOAST values filled in"
-            );
-            self.transcoder = transcoder;
-            self.body.extend_from_slice(&resolved);
-            self.rows += scratch_rows;
-        }
-        self.toast.clear();
-        if self.rows == 0 {
-            return Ok(0);
-        }
-        ctx.sink
-            .insert(&self.statement, Bytes::from(std::mem::take(&mut self.body)))
+            let mut rows = Vec::new();
+            let transcoder = &mut self.transcoder;
+            let done = toast::resolve(&chunk, &lookup, |version, values| {
+                transcoder.write_text_row(values, version, false, &mut rows)?;
+                Ok(())
+            })
             .await?;
-        Ok(std::mem::take(&mut self.rows))
+            stats.add(done);
+            if !rows.is_empty() {
+                ctx.sink.insert(&self.statement, Bytes::from(rows)).await?;
+            }
+        }
+        info!(
+            table = %self.source_table,
+            rows = stats.rows,
+            lookups = stats.lookups,
+            source_lookups = stats.source_lookups,
+            dropped = stats.dropped,
+            "unchanged TOAST values filled in"
+        );
+        Ok(stats.rows - stats.dropped)
     }
 
     /// Empties the destination (a replicated TRUNCATE), after the rows before it.

@@ -74,61 +74,72 @@ impl Backfill {
         self.keys.clear();
     }
 
-    /// Resolves every deferred row, handing each complete row (with its version) to `emit`;
-    /// rows whose key no longer exists anywhere are dropped.
-    pub(crate) async fn resolve(
-        &mut self,
-        lookup: &Lookup<'_>,
-        mut emit: impl FnMut(u128, Vec<Option<&[u8]>>) -> Result<(), StreamError>,
-    ) -> Result<Resolved, StreamError> {
-        let pending = std::mem::take(&mut self.pending);
-        let mut resolved = Resolved {
-            rows: u64::try_from(pending.len()).unwrap_or(u64::MAX),
-            ..Resolved::default()
+    /// Takes the next deferred rows one lookup serves (none when all are resolved).
+    pub(crate) fn next_chunk(&mut self) -> Vec<Deferred> {
+        let end = chunk_end(&self.pending);
+        let rest = self.pending.split_off(end);
+        std::mem::replace(&mut self.pending, rest)
+    }
+}
+
+/// Resolves `chunk` (from [`Backfill::next_chunk`]), handing each complete row (with its
+/// version) to `emit`; rows whose key no longer exists anywhere are dropped. The caller writes
+/// each chunk before taking the next, so memory stays at one chunk's values.
+pub(crate) async fn resolve(
+    chunk: &[Deferred],
+    lookup: &Lookup<'_>,
+    mut emit: impl FnMut(u128, Vec<Option<&[u8]>>) -> Result<(), StreamError>,
+) -> Result<Resolved, StreamError> {
+    let mut resolved = Resolved {
+        rows: u64::try_from(chunk.len()).unwrap_or(u64::MAX),
+        lookups: 1,
+        ..Resolved::default()
+    };
+    let found = latest(chunk, lookup).await?;
+    // Rows ClickHouse does not hold: as they are now in Postgres.
+    let missing: Vec<KeyText> = chunk
+        .iter()
+        .filter(|d| !d.keys.iter().any(|k| found.contains_key(k)))
+        .filter_map(|d| d.keys.last().cloned())
+        .collect();
+    let now = if missing.is_empty() {
+        HashMap::new()
+    } else {
+        resolved.source_lookups += 1;
+        current(&missing, lookup).await?
+    };
+    for row in chunk {
+        let previous = row
+            .keys
+            .iter()
+            .find_map(|k| found.get(k))
+            .or_else(|| row.keys.last().and_then(|k| now.get(k)));
+        let Some(previous) = previous else {
+            debug!(table = %lookup.source_table, "row of an update is gone at the source; a later delete removes it");
+            resolved.dropped += 1;
+            continue;
         };
-        let mut start = 0;
-        while start < pending.len() {
-            let end = chunk_end(&pending[start..]) + start;
-            let chunk = &pending[start..end];
-            start = end;
-            let found = latest(chunk, lookup).await?;
-            resolved.lookups += 1;
-            // Rows ClickHouse does not hold: as they are now in Postgres.
-            let missing: Vec<KeyText> = chunk
-                .iter()
-                .filter(|d| !d.keys.iter().any(|k| found.contains_key(k)))
-                .filter_map(|d| d.keys.last().cloned())
-                .collect();
-            let now = if missing.is_empty() {
-                HashMap::new()
-            } else {
-                resolved.source_lookups += 1;
-                current(&missing, lookup).await?
-            };
-            for row in chunk {
-                let previous = row
-                    .keys
-                    .iter()
-                    .find_map(|k| found.get(k))
-                    .or_else(|| row.keys.last().and_then(|k| now.get(k)));
-                let Some(previous) = previous else {
-                    debug!(table = %lookup.source_table, "row of an update is gone at the source; a later delete removes it");
-                    resolved.dropped += 1;
-                    continue;
-                };
-                let values = row
-                    .values
-                    .iter()
-                    .zip(previous)
-                    .map(|(value, previous)| match value {
-                        Some(value) => value.as_deref(),
-                        None => previous.as_deref().map(str::as_bytes),
-                    })
-                    .collect();
-                emit(row.version, values)?;
-            }
-        }
-        Ok(resolved)
+        let values = row
+            .values
+            .iter()
+            .zip(previous)
+            .map(|(value, previous)| match value {
+                Some(value) => value.as_deref(),
+                None => previous.as_deref().map(str::as_bytes),
+            })
+            .collect();
+        emit(row.version, values)?;
+    }
+    Ok(resolved)
+}
+
+impl Resolved {
+    /// Adds another chunk's counts.
+    pub(crate) fn add(&mut self, other: Self) {
+        self.rows += other.rows;
+        self.lookups += other.lookups;
+        self.source_lookups += other.source_lookups;
+        self.dropped += other.dropped;
     }
 }
 

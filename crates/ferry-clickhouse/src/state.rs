@@ -31,13 +31,10 @@ pub fn keyed_state_query(
     schema: &TableSchema,
     bound: Option<u128>,
 ) -> String {
-    let mut key: Vec<_> = schema
-        .columns
+    let key: Vec<String> = crate::ddl::key_columns(schema)
         .iter()
-        .filter(|c| c.key_position > 0)
+        .map(|c| Ident(&c.name).to_string())
         .collect();
-    key.sort_by_key(|c| c.key_position);
-    let key: Vec<String> = key.iter().map(|c| Ident(&c.name).to_string()).collect();
     let key = key.join(", ");
     format!(
         "SELECT {}, {} FROM {}.{}{} ORDER BY {key}, {} DESC LIMIT 1 BY {key}",
