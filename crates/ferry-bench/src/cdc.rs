@@ -227,7 +227,7 @@ pub async fn run(args: CdcArgs) -> anyhow::Result<()> {
             "unchanged TOAST: bulk updates of {} rows with 10 kB jsonb values",
             args.toast_rows
         );
-        Some(crate::toast::run(&pg, &ch, &ferry, &client, args.toast_rows).await?)
+        Some(crate::toast::run(&pg, &ch, &ferry, &client, &cdc_worker, args.toast_rows).await?)
     } else {
         None
     };
@@ -267,10 +267,6 @@ pub async fn run(args: CdcArgs) -> anyhow::Result<()> {
     );
     if let Some(toast) = toast {
         toast.print();
-        println!(
-            "cdc worker peak RSS after it           {:.1} MB  (target <= 128 MB)",
-            cdc_worker.peak_rss_kib().unwrap_or(0) as f64 / 1024.0
-        );
     }
     if decoded < changes {
         bail!("the null sink decoded {decoded} changes, expected {changes}");

@@ -12,7 +12,7 @@ use ferry_proto::v1::{
     PipeState, PostgresSource, ResumePipeRequest, TableMapping,
 };
 use ferry_testkit::clickhouse::ClickHouse;
-use ferry_testkit::ferry::Ferry;
+use ferry_testkit::ferry::{Ferry, Service};
 use ferry_testkit::postgres::Postgres;
 use ferry_testkit::wait;
 use tonic::transport::Channel;
@@ -24,6 +24,8 @@ pub(crate) struct ToastRun {
     rows: u64,
     looked_up: f64,
     full_identity: f64,
+    /// The CDC worker's peak RSS after each run, in KiB.
+    peaks: Vec<u64>,
 }
 
 impl ToastRun {
@@ -33,8 +35,11 @@ impl ToastRun {
             "unchanged TOAST: UPDATE of {} rows leaving a 10 kB jsonb unchanged",
             self.rows
         );
-        println!("{:<44} {:>9} {:>12}", "run", "seconds", "rows/s");
-        for (name, seconds) in [
+        println!(
+            "{:<44} {:>9} {:>12} {:>14}",
+            "run", "seconds", "rows/s", "worker peak"
+        );
+        let runs = [
             (
                 "(d) keyed lookups (no REPLICA IDENTITY FULL)",
                 self.looked_up,
@@ -43,10 +48,12 @@ impl ToastRun {
                 "(e) REPLICA IDENTITY FULL (old row sent)",
                 self.full_identity,
             ),
-        ] {
+        ];
+        for ((name, seconds), peak) in runs.into_iter().zip(&self.peaks) {
             println!(
-                "{name:<44} {seconds:>9.2} {:>12.0}",
-                self.rows as f64 / seconds
+                "{name:<44} {seconds:>9.2} {:>12.0} {:>11.1} MB",
+                self.rows as f64 / seconds,
+                *peak as f64 / 1024.0
             );
         }
         println!(
@@ -63,6 +70,7 @@ pub(crate) async fn run(
     ch: &ClickHouse,
     ferry: &Ferry,
     client: &PipeServiceClient<Channel>,
+    worker: &Service,
     rows: u64,
 ) -> anyhow::Result<ToastRun> {
     let db = pg.client("postgres").await?;
@@ -120,6 +128,7 @@ pub(crate) async fn run(
     pipe_state(&client, "toast", PipeState::Running, within).await?;
     let store = ferry.store().await?;
     let mut timings = Vec::new();
+    let mut peaks = Vec::new();
     for table in ["toast_keyed", "toast_full"] {
         client
             .pause_pipe(PausePipeRequest {
@@ -143,10 +152,12 @@ pub(crate) async fn run(
         .await
         .with_context(|| format!("the update of {table} never reached clickhouse"))?;
         timings.push(started.elapsed().as_secs_f64());
+        peaks.push(worker.peak_rss_kib().unwrap_or(0));
     }
     Ok(ToastRun {
         rows,
         looked_up: timings[0],
         full_identity: timings[1],
+        peaks,
     })
 }

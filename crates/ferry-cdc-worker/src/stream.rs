@@ -182,9 +182,12 @@ impl StreamError {
 /// How a table failed by the stream gets going again while resync is not available.
 const RECREATE: &str = "recreate the pipe (ferry delete <pipe>, then ferry create with the same spec; its destination tables must be emptied or dropped first)";
 
+/// Replication events read ahead of the worker (the crate's default is 8,192).
+const EVENT_BUFFER: usize = 512;
+
 /// Most bytes of rows buffered before they are written, even inside a transaction: bounds the
 /// worker's memory whatever the transaction size or the batch settings.
-const MAX_BUFFERED_BYTES: usize = 32 << 20;
+const MAX_BUFFERED_BYTES: usize = 16 << 20;
 
 /// Runs the stream of `record` until it fails, the claim is lost, or `stop` asks it to end:
 /// then it finishes the open transaction, writes and checkpoints its batch, and returns.
@@ -274,6 +277,10 @@ pub async fn run(
     .with_port(u16::try_from(source.port).unwrap_or(5432))
     .with_tls(TlsConfig::disabled())
     .with_binary(false)
+    // Decoded events wait here while a batch is written: a count, not bytes, so keep it small
+    // enough that wide rows (10 kB TOAST values, old and new under REPLICA IDENTITY FULL)
+    // cannot pile up hundreds of MB; pipelining needs far fewer.
+    .with_buffer_size(EVENT_BUFFER)
     .with_options(SESSION_OPTIONS)
     .with_start_lsn(Lsn::from_u64(start))
     .with_status_interval(interval.clamp(Duration::from_secs(1), Duration::from_secs(10)));
