@@ -79,7 +79,7 @@ async fn a_keyless_table_keeps_its_duplicate_rows_through_changes_replays_and_tr
 
 #[tokio::test]
 async fn versions_follow_commit_order_not_the_order_rows_were_written() {
-    let mut stack = Stack::start(
+    let stack = Stack::start(
         "CREATE TABLE bag (a int, b text, c text[]);
          ALTER TABLE bag REPLICA IDENTITY FULL;
          INSERT INTO bag VALUES (7, 'dup', NULL);",
@@ -112,7 +112,7 @@ async fn versions_follow_commit_order_not_the_order_rows_were_written() {
 
 #[tokio::test]
 async fn a_keyless_table_that_drops_a_column_still_removes_the_right_rows() {
-    let mut stack = Stack::start(
+    let stack = Stack::start(
         "CREATE TABLE bag2 (a int, gone int, b text);
          ALTER TABLE bag2 REPLICA IDENTITY FULL;
          INSERT INTO bag2 VALUES (1, 10, 'x'), (1, 11, 'x'), (2, 20, 'y');",
@@ -140,14 +140,14 @@ async fn a_keyless_table_that_drops_a_column_still_removes_the_right_rows() {
 
 #[tokio::test]
 async fn a_renamed_table_keeps_replicating_into_its_destination() {
-    let mut stack = Stack::start(
+    let stack = Stack::start(
         "CREATE TABLE items (id int PRIMARY KEY, note text);
          INSERT INTO items VALUES (1, 'one'), (2, 'two');",
     )
     .await;
     let spec = stack.spec("renames", &["items"], PipeMode::SnapshotAndCdc);
     stack.create(spec).await;
-    let ch = "SELECT toString(id), note FROM dest.items_current";
+    let ch = "SELECT toString(id), note FROM dest.items FINAL WHERE _ferry_is_deleted = 0";
     stack.converge("SELECT id::text, note FROM items", ch).await;
     stack
         .db
@@ -176,7 +176,7 @@ async fn a_renamed_table_keeps_replicating_into_its_destination() {
 
 #[tokio::test]
 async fn a_column_that_drops_not_null_receives_nulls_not_zeros() {
-    let mut stack = Stack::start(
+    let stack = Stack::start(
         "CREATE TABLE strict (id int PRIMARY KEY, n int NOT NULL, s text NOT NULL, d date NOT NULL);
          INSERT INTO strict VALUES (1, 5, 'five', '2024-01-05');",
     )
@@ -195,7 +195,7 @@ async fn a_column_that_drops_not_null_receives_nulls_not_zeros() {
     stack
         .converge(
             "SELECT id::text, n::text, s, d::text FROM strict",
-            "SELECT toString(id), toString(n), s, toString(d) FROM dest.strict_current",
+            "SELECT toString(id), toString(n), s, toString(d) FROM dest.strict FINAL WHERE _ferry_is_deleted = 0",
         )
         .await;
 }
@@ -255,14 +255,14 @@ async fn a_restart_after_add_column_default_keeps_the_default_in_replayed_rows()
     stack
         .converge(
             "SELECT id::text, v::text, c::text FROM evolving",
-            "SELECT toString(id), toString(v), toString(c) FROM dest.evolving_current",
+            "SELECT toString(id), toString(v), toString(c) FROM dest.evolving FINAL WHERE _ferry_is_deleted = 0",
         )
         .await;
 }
 
 #[tokio::test]
 async fn a_cdc_only_pipe_fills_unchanged_toast_values_of_older_rows_from_the_source() {
-    let mut stack = Stack::start(
+    let stack = Stack::start(
         "CREATE TABLE docs (id int PRIMARY KEY, n int, body text);
          ALTER TABLE docs ALTER body SET STORAGE EXTERNAL;
          INSERT INTO docs SELECT i, 0, repeat(md5(i::text), 400) FROM generate_series(1, 5) i;",
@@ -278,7 +278,7 @@ async fn a_cdc_only_pipe_fills_unchanged_toast_values_of_older_rows_from_the_sou
     stack
         .converge(
             "SELECT id::text, n::text, md5(body) FROM docs WHERE n = 1",
-            "SELECT toString(id), toString(n), lower(hex(MD5(body))) FROM dest.docs_current",
+            "SELECT toString(id), toString(n), lower(hex(MD5(body))) FROM dest.docs FINAL WHERE _ferry_is_deleted = 0",
         )
         .await;
 }
@@ -286,7 +286,7 @@ async fn a_cdc_only_pipe_fills_unchanged_toast_values_of_older_rows_from_the_sou
 #[tokio::test]
 async fn a_bulk_update_with_unchanged_toast_values_needs_few_lookups() {
     const ROWS: i64 = 20_000;
-    let mut stack = Stack::start(&format!(
+    let stack = Stack::start(&format!(
         "CREATE TABLE blobs (id int PRIMARY KEY, n int, doc jsonb);
          ALTER TABLE blobs ALTER doc SET STORAGE EXTERNAL;
          INSERT INTO blobs SELECT i, 0, jsonb_build_object('pad', repeat(md5(i::text), 320))
@@ -303,7 +303,7 @@ async fn a_bulk_update_with_unchanged_toast_values_needs_few_lookups() {
     stack
         .converge(
             "SELECT id::text, n::text, md5(doc::text) FROM blobs",
-            "SELECT toString(id), toString(n), lower(hex(MD5(doc))) FROM dest.blobs_current",
+            "SELECT toString(id), toString(n), lower(hex(MD5(doc))) FROM dest.blobs FINAL WHERE _ferry_is_deleted = 0",
         )
         .await;
     // Every row's value was filled in with a handful of keyed lookups, not one per row.
@@ -330,7 +330,7 @@ async fn a_bulk_update_with_unchanged_toast_values_needs_few_lookups() {
 
 #[tokio::test]
 async fn a_changed_replica_identity_fails_the_table_instead_of_writing_wrong_keys() {
-    let mut stack = Stack::start(
+    let stack = Stack::start(
         "CREATE TABLE coded (id int PRIMARY KEY, code text NOT NULL UNIQUE, note text);
          INSERT INTO coded VALUES (1, 'a', 'one'), (2, 'b', 'two');",
     )
@@ -427,7 +427,7 @@ async fn a_table_read_under_two_snapshots_with_the_same_id_is_read_again() {
     stack
         .converge(
             "SELECT id::text, note FROM split",
-            "SELECT toString(id), note FROM dest.split_current",
+            "SELECT toString(id), note FROM dest.split FINAL WHERE _ferry_is_deleted = 0",
         )
         .await;
 }

@@ -4,21 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+mod common;
 
 use clickhouse::Client;
+use common::stack::Stack;
 use ferry_proto::v1::pipe_service_client::PipeServiceClient;
 use ferry_proto::v1::verify_pipe_response::Event;
-use ferry_proto::v1::*;
-use ferry_testkit::clickhouse::ClickHouse;
-use ferry_testkit::etcd::Etcd;
-use ferry_testkit::ferry::{Ferry, Service, bin_dir};
-use ferry_testkit::postgres::Postgres;
-use ferry_testkit::wait;
-use prost_types::Duration as ProtoDuration;
+use ferry_proto::v1::{PausePipeRequest, PipeMode, TableVerification, VerifyPipeRequest};
+use ferry_testkit::ferry::bin_dir;
 use tonic::transport::Channel;
-
-const WITHIN: Duration = Duration::from_secs(90);
 
 /// Several types, including values the transcoder clamps (infinity, NaN, NULL arrays).
 const TYPED: &str = "CREATE TABLE items (
@@ -30,111 +24,6 @@ const TYPED: &str = "CREATE TABLE items (
         jsonb_build_object('k', i), i / 3.0, decode(md5(i::text), 'hex')
       FROM generate_series(1, 300) i;
     UPDATE items SET at = 'infinity', amount = 'NaN', tags = NULL, born = '-infinity' WHERE id = 9;";
-
-struct Stack {
-    pg: Postgres,
-    ch: ClickHouse,
-    _etcd: Etcd,
-    _ferry: Ferry,
-    coordinator: Service,
-    _workers: Vec<Service>,
-}
-
-async fn stack(setup: &str) -> Stack {
-    let pg = Postgres::start().await.unwrap();
-    let ch = ClickHouse::start().await.unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    pg.client("postgres")
-        .await
-        .unwrap()
-        .batch_execute(setup)
-        .await
-        .unwrap();
-    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
-    let coordinator = ferry.coordinator("c1").unwrap();
-    let workers = vec![
-        ferry.worker(WorkerKind::Snapshot, "s1").unwrap(),
-        ferry.worker(WorkerKind::Cdc, "d1").unwrap(),
-    ];
-    coordinator.wait_serving(WITHIN).await.unwrap();
-    Stack {
-        pg,
-        ch,
-        _etcd: etcd,
-        _ferry: ferry,
-        coordinator,
-        _workers: workers,
-    }
-}
-
-impl Stack {
-    /// Creates the pipe `name` over `tables` and waits until it is in `state`.
-    async fn pipe(&self, name: &str, tables: &[&str], mode: PipeMode, state: PipeState) {
-        let pg = &self.pg;
-        let spec = PipeSpec {
-            name: name.into(),
-            source: Some(PostgresSource {
-                host: "127.0.0.1".into(),
-                port: u32::from(pg.port()),
-                database: "postgres".into(),
-                user: "postgres".into(),
-                ..Default::default()
-            }),
-            destination: Some(ClickHouseDestination {
-                url: self.ch.url(),
-                database: "dest".into(),
-                ..Default::default()
-            }),
-            tables: tables
-                .iter()
-                .map(|t| TableMapping {
-                    source_table: (*t).into(),
-                    ..Default::default()
-                })
-                .collect(),
-            mode: mode.into(),
-            settings: Some(PipeSettings {
-                sync_interval: Some(ProtoDuration {
-                    seconds: 1,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            }),
-        };
-        let mut client = self.client().await;
-        client
-            .create_pipe(CreatePipeRequest {
-                spec: Some(spec),
-                secrets: None,
-            })
-            .await
-            .unwrap();
-        let reached = wait::until(WITHIN, || {
-            let mut client = client.clone();
-            async move {
-                let status = client
-                    .get_pipe(GetPipeRequest { name: name.into() })
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .pipe?
-                    .status?;
-                assert_ne!(status.state(), PipeState::Failed, "{:?}", status.error);
-                (status.state() == state).then_some(())
-            }
-        })
-        .await;
-        assert!(reached.is_some(), "pipe {name} never reached {state:?}");
-    }
-
-    async fn client(&self) -> PipeServiceClient<Channel> {
-        self.coordinator.pipe_client().await.unwrap()
-    }
-
-    fn clickhouse(&self) -> Client {
-        Client::default().with_url(self.ch.url())
-    }
-}
 
 /// The results of a verification: per table, and the summary's verdict.
 async fn verify(
@@ -185,48 +74,39 @@ async fn plant(ch: &Client, table: &str, filter: &str, replace: &str) {
 
 #[tokio::test]
 async fn verify_finds_equal_tables_then_exactly_the_planted_differences() {
-    let stack = stack(TYPED).await;
-    stack
-        .pipe(
-            "live",
-            &["items"],
-            PipeMode::SnapshotAndCdc,
-            PipeState::Running,
-        )
-        .await;
-    let db = stack.pg.client("postgres").await.unwrap();
+    let stack = Stack::start(TYPED).await;
+    let spec = stack.spec("live", &["items"], PipeMode::SnapshotAndCdc);
+    stack.create(spec).await;
     // Changes through CDC (text values) must transcode to the same bytes as the snapshot's.
-    db.batch_execute(
-        "INSERT INTO items SELECT i, i, 'new ' || i, 0.5, true, '2000-02-29', now(), \
-           gen_random_uuid(), ARRAY['x'], NULL, '[1, {\"a\": null}]', 'NaN', '\\x00ff' \
-         FROM generate_series(1001, 1100) i;
-         UPDATE items SET note = note || ' (edited)', at = '-infinity' WHERE id % 10 = 0;
-         DELETE FROM items WHERE id % 13 = 0;
-         UPDATE items SET id = id + 5000 WHERE id BETWEEN 20 AND 25;",
-    )
-    .await
-    .unwrap();
-    let mut client = stack.client().await;
+    stack
+        .db
+        .batch_execute(
+            "INSERT INTO items SELECT i, i, 'new ' || i, 0.5, true, '2000-02-29', now(), \
+               gen_random_uuid(), ARRAY['x'], NULL, '[1, {\"a\": null}]', 'NaN', '\\x00ff' \
+             FROM generate_series(1001, 1100) i;
+             UPDATE items SET note = note || ' (edited)', at = '-infinity' WHERE id % 10 = 0;
+             DELETE FROM items WHERE id % 13 = 0;
+             UPDATE items SET id = id + 5000 WHERE id BETWEEN 20 AND 25;",
+        )
+        .await
+        .unwrap();
+    let mut client = stack.client.clone();
     let (results, equal, progress) = verify(&mut client, "live", &[]).await.unwrap();
     assert_eq!(results.len(), 1);
     let items = &results[0];
     assert!(equal && items.equal, "{items:?}");
     assert!(progress >= 2, "only {progress} progress messages");
-    let live: i64 = db
-        .query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let live = stack.pg_count("SELECT count(*) FROM items").await;
     assert_eq!(items.postgres_rows, u64::try_from(live).unwrap());
     assert_eq!(items.clickhouse_rows, items.postgres_rows);
     assert_eq!(items.destination_table, "dest.items");
     assert!(items.lsn > 0 && !items.keyless);
 
     // Behind Ferry's back: key 5 gets another note, key 777777 appears, key 7 is deleted.
-    let ch = stack.clickhouse();
-    plant(&ch, "items", "id = 5", "'tampered' AS note").await;
-    plant(&ch, "items", "id = 6", "777777 AS id").await;
-    plant(&ch, "items", "id = 7", "1 AS _ferry_is_deleted").await;
+    let ch = &stack.clickhouse;
+    plant(ch, "items", "id = 5", "'tampered' AS note").await;
+    plant(ch, "items", "id = 6", "777777 AS id").await;
+    plant(ch, "items", "id = 7", "1 AS _ferry_is_deleted").await;
     let (results, equal, _) = verify(&mut client, "live", &["public.items"])
         .await
         .unwrap();
@@ -260,20 +140,15 @@ async fn verify_finds_equal_tables_then_exactly_the_planted_differences() {
 
 #[tokio::test]
 async fn verify_filters_tables_refuses_bad_requests_and_sets_the_cli_exit_code() {
-    let stack = stack(&format!(
+    let stack = Stack::start(&format!(
         "{TYPED}; CREATE TABLE other (k text PRIMARY KEY, v int);
          INSERT INTO other SELECT 'k' || i, i FROM generate_series(1, 50) i;"
     ))
     .await;
-    stack
-        .pipe(
-            "copy",
-            &["items", "other"],
-            PipeMode::SnapshotOnly,
-            PipeState::Completed,
-        )
-        .await;
-    let mut client = stack.client().await;
+    // Waits until Completed.
+    let spec = stack.spec("copy", &["items", "other"], PipeMode::SnapshotOnly);
+    stack.create(spec).await;
+    let mut client = stack.client.clone();
     let (results, equal, _) = verify(&mut client, "copy", &[]).await.unwrap();
     assert!(equal);
     assert_eq!(results.len(), 2);
@@ -313,7 +188,7 @@ async fn verify_filters_tables_refuses_bad_requests_and_sets_the_cli_exit_code()
     };
     let ok = cli("other").await;
     assert_eq!(ok.status.code(), Some(0), "{ok:?}");
-    plant(&stack.clickhouse(), "other", "k = 'k3'", "300 AS v").await;
+    plant(&stack.clickhouse, "other", "k = 'k3'", "300 AS v").await;
     let differs = cli("public.other").await;
     let stdout = String::from_utf8_lossy(&differs.stdout);
     assert_eq!(differs.status.code(), Some(1), "{differs:?}");
@@ -323,29 +198,24 @@ async fn verify_filters_tables_refuses_bad_requests_and_sets_the_cli_exit_code()
 /// Keyless tables are multisets: duplicates count, a delete removes one copy.
 #[tokio::test]
 async fn verify_compares_keyless_tables_as_multisets() {
-    let stack = stack(
+    let stack = Stack::start(
         "CREATE TABLE bag (a int, b text);
          ALTER TABLE bag REPLICA IDENTITY FULL;
          INSERT INTO bag VALUES (1, 'x'), (1, 'x'), (2, NULL), (3, 'y');",
     )
     .await;
+    let spec = stack.spec("bag", &["bag"], PipeMode::SnapshotAndCdc);
+    stack.create(spec).await;
     stack
-        .pipe(
-            "bag",
-            &["bag"],
-            PipeMode::SnapshotAndCdc,
-            PipeState::Running,
+        .db
+        .batch_execute(
+            "INSERT INTO bag VALUES (1, 'x'), (4, 'z'), (4, 'z');
+             DELETE FROM bag WHERE ctid = (SELECT min(ctid) FROM bag WHERE a = 4);
+             UPDATE bag SET b = 'w' WHERE a = 3;",
         )
-        .await;
-    let db = stack.pg.client("postgres").await.unwrap();
-    db.batch_execute(
-        "INSERT INTO bag VALUES (1, 'x'), (4, 'z'), (4, 'z');
-         DELETE FROM bag WHERE ctid = (SELECT min(ctid) FROM bag WHERE a = 4);
-         UPDATE bag SET b = 'w' WHERE a = 3;",
-    )
-    .await
-    .unwrap();
-    let mut client = stack.client().await;
+        .await
+        .unwrap();
+    let mut client = stack.client.clone();
     let (results, equal, _) = verify(&mut client, "bag", &[]).await.unwrap();
     let bag = &results[0];
     assert!(bag.keyless);
@@ -353,7 +223,7 @@ async fn verify_compares_keyless_tables_as_multisets() {
     assert_eq!((bag.postgres_rows, bag.clickhouse_rows), (6, 6));
 
     // One copy of (1, 'x') too many in ClickHouse.
-    plant(&stack.clickhouse(), "bag", "a = 1 AND b = 'x'", "").await;
+    plant(&stack.clickhouse, "bag", "a = 1 AND b = 'x'", "").await;
     let (results, _, _) = verify(&mut client, "bag", &[]).await.unwrap();
     let bag = &results[0];
     assert_eq!(

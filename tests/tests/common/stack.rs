@@ -8,7 +8,7 @@ use clickhouse::Client;
 use ferry_proto::v1::pipe_service_client::PipeServiceClient;
 use ferry_proto::v1::{
     ClickHouseDestination, CreatePipeRequest, GetPipeRequest, Pipe, PipeMode, PipeSettings,
-    PipeSpec, PipeState, PostgresSource, TableMapping, WorkerKind,
+    PipeSpec, PipeState, PipeStatus, PostgresSource, TableMapping, WorkerKind,
 };
 use ferry_testkit::clickhouse::ClickHouse;
 use ferry_testkit::etcd::Etcd;
@@ -68,6 +68,18 @@ impl Stack {
     /// A spec of pipe `name` copying `tables` into ClickHouse database `dest`, streaming with a
     /// one-second sync interval.
     pub fn spec(&self, name: &str, tables: &[&str], mode: PipeMode) -> PipeSpec {
+        self.spec_into("dest", name, tables, mode)
+    }
+
+    /// `spec`'s pipe into ClickHouse database `database` (so that several pipes of one stack
+    /// can copy the same table).
+    pub fn spec_into(
+        &self,
+        database: &str,
+        name: &str,
+        tables: &[&str],
+        mode: PipeMode,
+    ) -> PipeSpec {
         PipeSpec {
             name: name.into(),
             source: Some(PostgresSource {
@@ -79,7 +91,7 @@ impl Stack {
             }),
             destination: Some(ClickHouseDestination {
                 url: self.ch.url(),
-                database: "dest".into(),
+                database: database.into(),
                 ..Default::default()
             }),
             tables: tables
@@ -105,21 +117,27 @@ impl Stack {
     }
 
     /// Creates the pipe of `spec` and waits until it streams (or completes).
-    pub async fn create(&mut self, spec: PipeSpec) -> Pipe {
+    pub async fn create(&self, spec: PipeSpec) -> Pipe {
         let name = spec.name.clone();
         let done = if spec.mode() == PipeMode::SnapshotOnly {
             PipeState::Completed
         } else {
             PipeState::Running
         };
+        self.submit(spec).await.unwrap();
+        self.wait_state(&name, done).await
+    }
+
+    /// Asks the API to create the pipe of `spec`, without waiting for any state.
+    pub async fn submit(&self, spec: PipeSpec) -> Result<(), tonic::Status> {
         self.client
+            .clone()
             .create_pipe(CreatePipeRequest {
                 spec: Some(spec),
                 secrets: None,
             })
             .await
-            .unwrap();
-        self.wait_state(&name, done).await
+            .map(drop)
     }
 
     /// The pipe as the API shows it.
@@ -131,6 +149,11 @@ impl Stack {
             .ok()?
             .into_inner()
             .pipe
+    }
+
+    /// The pipe's status as the API shows it.
+    pub async fn status(&self, name: &str) -> Option<PipeStatus> {
+        self.pipe(name).await?.status
     }
 
     /// Waits until pipe `name` is in `state`; panics (at the caller's line) if it fails
@@ -156,7 +179,7 @@ impl Stack {
             match reached {
                 Some(pipe) => pipe,
                 None => {
-                    let last = self.pipe(&name).await.and_then(|p| p.status);
+                    let last = self.status(&name).await;
                     panic!("{caller}: pipe {name} never reached {state:?}; last: {last:?}")
                 }
             }
@@ -175,6 +198,11 @@ impl Stack {
             .collect();
         rows.sort();
         rows
+    }
+
+    /// The one integer a Postgres query returns (a count).
+    pub async fn pg_count(&self, sql: &str) -> i64 {
+        self.db.query_one(sql, &[]).await.unwrap().get(0)
     }
 
     /// Rows of a ClickHouse query, every column selected as a Nullable(String), sorted.
@@ -247,7 +275,7 @@ impl Stack {
     /// What went wrong, for a panic message: the pipe's status and the services' last
     /// warnings and errors.
     pub async fn diagnose(&self, name: &str) -> String {
-        let status = self.pipe(name).await.and_then(|p| p.status);
+        let status = self.status(name).await;
         let logs = self.logs();
         let problems: Vec<&str> = logs
             .lines()
