@@ -103,10 +103,10 @@ if ! "$bin/ferry" get demo >/dev/null 2>&1; then
 fi
 wait_for "pipe demo's snapshot" 120 sh -c "'$bin/ferry' get demo | grep -qE '^state +(running|completed|failed)'"
 "$bin/ferry" get demo
-step "rows in ClickHouse (demo.orders FINAL)"
+step "rows in ClickHouse (demo.orders_current: the table as it is in Postgres)"
 ch_query() { curl -sf --data-binary "$1" "http://127.0.0.1:$FERRY_CH_PORT/?default_format=PrettyCompactMonoBlock"; }
-ch_query "SELECT count() AS rows, sum(amount) AS total_amount FROM demo.orders FINAL WHERE _ferry_is_deleted = 0"
-ch_query "SELECT id, customer, amount, created_at FROM demo.orders FINAL ORDER BY id LIMIT 3"
+ch_query "SELECT count() AS rows, sum(amount) AS total_amount FROM demo.orders_current"
+ch_query "SELECT id, customer, amount, created_at FROM demo.orders_current ORDER BY id LIMIT 3"
 
 cat <<EOT
 
@@ -123,6 +123,7 @@ Ferry's local stack is running (state and logs in $FERRY_STATE_DIR):
 
 The demo pipe copied public.orders into ClickHouse and now streams its changes (every 5 s):
   psql -h 127.0.0.1 -p $FERRY_PG_PORT -U postgres demo -c "UPDATE orders SET amount = amount + 1 WHERE id <= 10"
-  curl --data-binary "SELECT id, amount FROM demo.orders FINAL WHERE id <= 10 ORDER BY id" http://127.0.0.1:$FERRY_CH_PORT/
+  curl --data-binary "SELECT id, amount FROM demo.orders_current WHERE id <= 10 ORDER BY id" http://127.0.0.1:$FERRY_CH_PORT/
+  $bin/ferry verify demo
 Stop everything with deploy/local/down.sh.
 EOT
