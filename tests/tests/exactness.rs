@@ -324,7 +324,7 @@ async fn a_bulk_update_with_unchanged_toast_values_needs_few_lookups() {
         lookups += field("lookups");
     }
     assert_eq!(rows, ROWS as u64, "every updated row was filled in");
-    // One lookup per 1,000 rows, not one per row.
+    // One lookup per thousands of rows, not one per row.
     assert!(lookups * 500 <= rows, "{lookups} lookups for {rows} rows");
 }
 

@@ -19,7 +19,7 @@ use ferry_postgres::snapshot::Visibility;
 use ferry_proto::v1::{AlteredColumn, ColumnSchema, TableChanges, TableSchema};
 use ferry_store::Store;
 use ferry_store::cdc::CdcClaim;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::stream::StreamError;
 use crate::toast::{self, Backfill, Deferred, Lookup, Resolved};
@@ -49,6 +49,9 @@ impl Position {
         version::change(self.commit_lsn, self.rows)
     }
 }
+
+/// Bytes of filled-in rows written at once.
+const FILL_SLICE_BYTES: usize = 8 << 20;
 
 /// A relation as a Relation message announces it.
 pub(crate) struct Announced<'a> {
@@ -399,14 +402,23 @@ impl TableBatch {
                     .map(|(i, _)| &self.schema.columns[*i])
                     .collect(),
             };
-            let mut rows = Vec::new();
-            let transcoder = &mut self.transcoder;
-            let done = toast::resolve(&chunk, &lookup, |version, values| {
-                transcoder.write_text_row(values, version, false, &mut rows)?;
-                Ok(())
-            })
-            .await?;
+            let (previous, done) = toast::look_up(&chunk, &lookup).await?;
             stats.add(done);
+            // Written in slices, so memory holds one lookup's answer and one slice.
+            let mut rows = Vec::new();
+            for row in &chunk {
+                let Some(values) = previous.complete(row) else {
+                    debug!(table = %self.source_table, "row of an update is gone at the source; a later delete removes it");
+                    stats.dropped += 1;
+                    continue;
+                };
+                self.transcoder
+                    .write_text_row(values, row.version, false, &mut rows)?;
+                if rows.len() >= FILL_SLICE_BYTES {
+                    let full = std::mem::take(&mut rows);
+                    ctx.sink.insert(&self.statement, Bytes::from(full)).await?;
+                }
+            }
             if !rows.is_empty() {
                 ctx.sink.insert(&self.statement, Bytes::from(rows)).await?;
             }

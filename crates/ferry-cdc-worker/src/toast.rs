@@ -20,7 +20,6 @@ use ferry_clickhouse::lookup::{MAX_KEY_BYTES, MAX_KEYS, key_literal};
 use ferry_clickhouse::sink::Sink;
 use ferry_postgres::lookup::{KeyColumn, KeyText, current_rows};
 use ferry_proto::v1::ColumnSchema;
-use tracing::debug;
 
 use crate::stream::StreamError;
 
@@ -82,21 +81,47 @@ impl Backfill {
     }
 }
 
-/// Resolves `chunk` (from [`Backfill::next_chunk`]), handing each complete row (with its
-/// version) to `emit`; rows whose key no longer exists anywhere are dropped. The caller writes
-/// each chunk before taking the next, so memory stays at one chunk's values.
-pub(crate) async fn resolve(
+/// The values a chunk of deferred rows left out, as found in ClickHouse (latest live version)
+/// or, for rows ClickHouse does not hold, in Postgres now.
+pub(crate) struct Previous {
+    found: HashMap<KeyText, Vec<Option<String>>>,
+    now: HashMap<KeyText, Vec<Option<String>>>,
+}
+
+impl Previous {
+    /// `row` complete, in written-column order; `None` if its key exists nowhere (the row was
+    /// deleted at the source since, and a later delete in the stream removes the key).
+    pub(crate) fn complete<'a>(&'a self, row: &'a Deferred) -> Option<Vec<Option<&'a [u8]>>> {
+        let previous = row
+            .keys
+            .iter()
+            .find_map(|k| self.found.get(k))
+            .or_else(|| row.keys.last().and_then(|k| self.now.get(k)))?;
+        Some(
+            row.values
+                .iter()
+                .zip(previous)
+                .map(|(value, previous)| match value {
+                    Some(value) => value.as_deref(),
+                    None => previous.as_deref().map(str::as_bytes),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Looks up what the rows of `chunk` (from [`Backfill::next_chunk`]) left out: one keyed
+/// lookup in ClickHouse, and one in Postgres for the rows ClickHouse does not hold.
+pub(crate) async fn look_up(
     chunk: &[Deferred],
     lookup: &Lookup<'_>,
-    mut emit: impl FnMut(u128, Vec<Option<&[u8]>>) -> Result<(), StreamError>,
-) -> Result<Resolved, StreamError> {
+) -> Result<(Previous, Resolved), StreamError> {
     let mut resolved = Resolved {
         rows: u64::try_from(chunk.len()).unwrap_or(u64::MAX),
         lookups: 1,
         ..Resolved::default()
     };
     let found = latest(chunk, lookup).await?;
-    // Rows ClickHouse does not hold: as they are now in Postgres.
     let missing: Vec<KeyText> = chunk
         .iter()
         .filter(|d| !d.keys.iter().any(|k| found.contains_key(k)))
@@ -108,29 +133,7 @@ pub(crate) async fn resolve(
         resolved.source_lookups += 1;
         current(&missing, lookup).await?
     };
-    for row in chunk {
-        let previous = row
-            .keys
-            .iter()
-            .find_map(|k| found.get(k))
-            .or_else(|| row.keys.last().and_then(|k| now.get(k)));
-        let Some(previous) = previous else {
-            debug!(table = %lookup.source_table, "row of an update is gone at the source; a later delete removes it");
-            resolved.dropped += 1;
-            continue;
-        };
-        let values = row
-            .values
-            .iter()
-            .zip(previous)
-            .map(|(value, previous)| match value {
-                Some(value) => value.as_deref(),
-                None => previous.as_deref().map(str::as_bytes),
-            })
-            .collect();
-        emit(row.version, values)?;
-    }
-    Ok(resolved)
+    Ok((Previous { found, now }, resolved))
 }
 
 impl Resolved {

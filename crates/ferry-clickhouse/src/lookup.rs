@@ -13,8 +13,8 @@ use crate::types::{MappingOptions, ValueKind, value_kind};
 /// 256 KiB).
 pub const MAX_KEY_BYTES: usize = 128 << 10;
 /// Most keys in one lookup query, bounding the rows (and TOAST values) one answer holds:
-/// 1,000 rows of 10 kB values are 10 MB, read, encoded and written before the next lookup.
-pub const MAX_KEYS: usize = 1_000;
+/// 5,000 rows of 10 kB values are a 50 MB answer, written in slices before the next lookup.
+pub const MAX_KEYS: usize = 5_000;
 
 /// Whether the key column's ClickHouse text (`toString`) equals its Postgres text, so keys can
 /// be matched by text: integers, text, enum labels, UUIDs.
