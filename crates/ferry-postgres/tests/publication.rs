@@ -5,43 +5,11 @@
 use ferry_postgres::SourceError;
 use ferry_postgres::connection::connect;
 use ferry_postgres::validate::check_source;
-use ferry_proto::v1::{PipeMode, PipeSpec, PostgresSource, TableMapping};
 use ferry_testkit::postgres::Postgres;
 
-fn source(pg: &Postgres, user: &str) -> PostgresSource {
-    PostgresSource {
-        host: "127.0.0.1".into(),
-        port: u32::from(pg.port()),
-        database: "postgres".into(),
-        user: user.into(),
-        ..Default::default()
-    }
-}
+mod common;
 
-fn spec(pg: &Postgres, user: &str, tables: &[&str]) -> PipeSpec {
-    PipeSpec {
-        name: "p".into(),
-        source: Some(source(pg, user)),
-        tables: tables
-            .iter()
-            .map(|t| {
-                let (schema, table) = t.split_once('.').unwrap();
-                TableMapping {
-                    source_schema: schema.into(),
-                    source_table: table.into(),
-                    destination_table: table.into(),
-                    ..Default::default()
-                }
-            })
-            .collect(),
-        mode: PipeMode::SnapshotAndCdc.into(),
-        ..Default::default()
-    }
-}
-
-async fn admin(pg: &Postgres) -> tokio_postgres::Client {
-    pg.client("postgres").await.unwrap()
-}
+use common::{admin, source, spec};
 
 #[tokio::test]
 async fn user_publications_must_publish_every_change_row_and_column() {
