@@ -97,34 +97,10 @@ pub async fn run(args: CdcArgs) -> anyhow::Result<()> {
     coordinator.wait_serving(Duration::from_secs(30)).await?;
     cdc_worker.wait_serving(Duration::from_secs(30)).await?;
     let mut client = coordinator.pipe_client().await?;
-    let spec = PipeSpec {
-        name: "bench".into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            publication: "bench".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "bench".into(),
-            ..Default::default()
-        }),
-        tables: vec![TableMapping {
-            source_table: "changes".into(),
-            ..Default::default()
-        }],
-        mode: PipeMode::CdcOnly.into(),
-        settings: Some(PipeSettings {
-            sync_interval: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            ..Default::default()
-        }),
-    };
+    let mut spec = crate::pipe_spec(&pg, &ch, "bench", &["changes"], PipeMode::CdcOnly);
+    if let Some(source) = spec.source.as_mut() {
+        source.publication = "bench".into();
+    }
     client
         .create_pipe(CreatePipeRequest {
             spec: Some(spec),

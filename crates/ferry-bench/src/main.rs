@@ -281,33 +281,14 @@ async fn ferry_snapshot(
     coordinator.wait_serving(Duration::from_secs(30)).await?;
     worker.wait_serving(Duration::from_secs(30)).await?;
     let mut client = coordinator.pipe_client().await?;
-    let spec = PipeSpec {
-        name: "bench".into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "bench".into(),
-            ..Default::default()
-        }),
-        tables: vec![TableMapping {
-            source_table: "wide".into(),
-            ..Default::default()
-        }],
-        mode: PipeMode::SnapshotOnly.into(),
-        settings: Some(PipeSettings {
-            snapshot_rows_per_partition: Some(i64::try_from(
-                args.rows.div_ceil(u64::from(args.parallel) * 4).max(1),
-            )?),
-            snapshot_parallel_partitions: Some(i64::from(args.parallel)),
-            ..Default::default()
-        }),
-    };
+    let mut spec = pipe_spec(pg, ch, "bench", &["wide"], PipeMode::SnapshotOnly);
+    spec.settings = Some(PipeSettings {
+        snapshot_rows_per_partition: Some(i64::try_from(
+            args.rows.div_ceil(u64::from(args.parallel) * 4).max(1),
+        )?),
+        snapshot_parallel_partitions: Some(i64::from(args.parallel)),
+        ..Default::default()
+    });
     let started = Instant::now();
     client
         .create_pipe(CreatePipeRequest {
@@ -385,4 +366,45 @@ fn percent(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// A pipe `name` of the benchmark's Postgres tables `tables` into the ClickHouse database of the
+/// same name, streaming with a one-second sync interval.
+pub(crate) fn pipe_spec(
+    pg: &Postgres,
+    ch: &ClickHouse,
+    name: &str,
+    tables: &[&str],
+    mode: PipeMode,
+) -> PipeSpec {
+    PipeSpec {
+        name: name.into(),
+        source: Some(PostgresSource {
+            host: "127.0.0.1".into(),
+            port: u32::from(pg.port()),
+            database: "postgres".into(),
+            user: "postgres".into(),
+            ..Default::default()
+        }),
+        destination: Some(ClickHouseDestination {
+            url: ch.url(),
+            database: name.into(),
+            ..Default::default()
+        }),
+        tables: tables
+            .iter()
+            .map(|t| TableMapping {
+                source_table: (*t).into(),
+                ..Default::default()
+            })
+            .collect(),
+        mode: mode.into(),
+        settings: Some(PipeSettings {
+            sync_interval: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+    }
 }

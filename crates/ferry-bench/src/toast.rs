@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use ferry_proto::v1::pipe_service_client::PipeServiceClient;
 use ferry_proto::v1::{
-    ClickHouseDestination, CreatePipeRequest, PausePipeRequest, PipeMode, PipeSettings, PipeSpec,
-    PipeState, PostgresSource, ResumePipeRequest, TableMapping,
+    CreatePipeRequest, PausePipeRequest, PipeMode, PipeState, ResumePipeRequest,
 };
 use ferry_testkit::clickhouse::ClickHouse;
 use ferry_testkit::ferry::{Ferry, Service};
@@ -88,36 +87,13 @@ pub(crate) async fn run(
     db.batch_execute("ALTER TABLE toast_full REPLICA IDENTITY FULL")
         .await?;
     let mut client = client.clone();
-    let spec = PipeSpec {
-        name: "toast".into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "toast".into(),
-            ..Default::default()
-        }),
-        tables: ["toast_keyed", "toast_full"]
-            .iter()
-            .map(|t| TableMapping {
-                source_table: (*t).into(),
-                ..Default::default()
-            })
-            .collect(),
-        mode: PipeMode::SnapshotAndCdc.into(),
-        settings: Some(PipeSettings {
-            sync_interval: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            ..Default::default()
-        }),
-    };
+    let spec = crate::pipe_spec(
+        pg,
+        ch,
+        "toast",
+        &["toast_keyed", "toast_full"],
+        PipeMode::SnapshotAndCdc,
+    );
     client
         .create_pipe(CreatePipeRequest {
             spec: Some(spec),
