@@ -236,7 +236,7 @@ async fn a_restart_after_add_column_default_keeps_the_default_in_replayed_rows()
     })
     .await
     .expect("column c reached clickhouse");
-    stack.cdc.process().kill9();
+    stack.cdc.as_mut().unwrap().process().kill9();
     stack
         .client
         .update_pipe_settings(UpdatePipeSettingsRequest {
@@ -377,7 +377,7 @@ async fn a_table_read_under_two_snapshots_with_the_same_id_is_read_again() {
     )
     .await;
     // No snapshot worker yet: the partitions wait under the exported snapshot.
-    stack.snapshot.process().kill9();
+    stack.snapshot.as_mut().unwrap().process().kill9();
     let mut spec = stack.spec("twice", &["split"], PipeMode::SnapshotOnly);
     spec.settings.as_mut().unwrap().snapshot_rows_per_partition = Some(5_000);
     stack
@@ -422,7 +422,7 @@ async fn a_table_read_under_two_snapshots_with_the_same_id_is_read_again() {
     .await
     .unwrap();
 
-    stack.snapshot = stack.ferry.worker(WorkerKind::Snapshot, "s2").unwrap();
+    stack.snapshot = Some(stack.ferry.worker(WorkerKind::Snapshot, "s2").unwrap());
     stack.wait_state("twice", PipeState::Completed).await;
     stack
         .converge(
@@ -430,4 +430,32 @@ async fn a_table_read_under_two_snapshots_with_the_same_id_is_read_again() {
             "SELECT toString(id), note FROM dest.split FINAL WHERE _ferry_is_deleted = 0",
         )
         .await;
+}
+
+#[tokio::test]
+async fn a_renamed_column_fails_the_table_instead_of_splitting_its_values() {
+    let stack = Stack::start(
+        "CREATE TABLE labels (id int PRIMARY KEY, label text);
+         INSERT INTO labels VALUES (1, 'one');",
+    )
+    .await;
+    let spec = stack.spec("columns", &["labels"], PipeMode::SnapshotAndCdc);
+    stack.create(spec).await;
+    stack
+        .db
+        .batch_execute(
+            "ALTER TABLE labels RENAME COLUMN label TO title;
+             INSERT INTO labels VALUES (2, 'two');",
+        )
+        .await
+        .unwrap();
+    let failed = stack.wait_state("columns", PipeState::Failed).await;
+    let error = failed.status.unwrap().error.unwrap();
+    assert_eq!(error.table, "public.labels");
+    assert!(
+        error.message.contains("renamed to title"),
+        "{}",
+        error.message
+    );
+    assert!(error.remedy.contains("ferry delete"), "{}", error.remedy);
 }

@@ -74,6 +74,27 @@ impl TableBatch {
                 });
             }
         }
+        // A column that is gone under its name but whose number lives on under another name
+        // was renamed: its values would land in a new column while the old one kept the rows
+        // before, so the table fails instead.
+        for column in self
+            .schema
+            .columns
+            .iter()
+            .filter(|c| !c.dropped && c.attnum > 0)
+        {
+            let by_name = described.columns.iter().any(|d| d.name == column.name);
+            let renamed = described
+                .columns
+                .iter()
+                .find(|d| d.attnum == column.attnum && d.name != column.name);
+            if let (false, Some(now)) = (by_name, renamed) {
+                return Err(StreamError::SchemaChanged {
+                    table: self.source_table.clone(),
+                    detail: format!("column {} was renamed to {}", column.name, now.name),
+                });
+            }
+        }
         changed |= self.add_columns(&described, &streamed, ctx).await?;
         changed |= self.drop_columns(&described, ctx).await?;
         self.streamed = streamed;

@@ -115,7 +115,7 @@ pub async fn describe_table(
     let column_rows = client
         .query(
             "SELECT a.attname, a.atttypid, format_type(a.atttypid, a.atttypmod), a.atttypmod, \
-                    NOT a.attnotnull \
+                    NOT a.attnotnull, a.attnum::int4 \
              FROM pg_attribute a \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
              ORDER BY a.attnum",
@@ -155,6 +155,7 @@ pub async fn describe_table(
             dropped: false,
             // The user's choice is Setup's to record (spec.tables[i].column_types).
             clickhouse_type: String::new(),
+            attnum: u32::try_from(row.get::<_, i32>(5)).unwrap_or(0),
         });
     }
 
