@@ -4,99 +4,34 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::Duration;
 
-use clickhouse::Client;
-use ferry_proto::v1::*;
-use ferry_testkit::clickhouse::ClickHouse;
-use ferry_testkit::etcd::Etcd;
-use ferry_testkit::ferry::Ferry;
-use ferry_testkit::postgres::Postgres;
+use common::stack::{Stack, WITHIN, Workers};
+use ferry_proto::v1::{PausePipeRequest, PipeMode, PipeState, ResumePipeRequest};
 use ferry_testkit::wait;
-use prost_types::Duration as ProtoDuration;
 
-const WITHIN: Duration = Duration::from_secs(60);
-
-/// (rows, sum of ids, sum of note lengths, sum of big lengths) of live rows on both sides.
-async fn pg_digest(db: &tokio_postgres::Client, table: &str) -> (i64, String, i64, i64) {
-    let row = db
-        .query_one(
-            &format!(
-                "SELECT count(*), coalesce(sum(id), 0)::text, coalesce(sum(length(note)), 0)::int8, \
-                        coalesce(sum(length(big)), 0)::int8 FROM {table}"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1), row.get(2), row.get(3))
+/// Every live row of `table` as (id, note, length of big): in Postgres, in ClickHouse.
+fn rows(table: &str) -> (String, String) {
+    (
+        format!("SELECT id::text, note, length(big)::text FROM {table}"),
+        format!(
+            "SELECT toString(id), note, toString(length(big)) FROM dest.{table} FINAL \
+             WHERE _ferry_is_deleted = 0"
+        ),
+    )
 }
 
-async fn ch_digest(ch: &Client, table: &str) -> Option<(i64, String, i64, i64)> {
-    ch.query(&format!(
-        "SELECT toInt64(count()), toString(sum(id)), toInt64(sum(length(ifNull(note, '')))), \
-                toInt64(sum(length(ifNull(big, '')))) FROM dest.{table} FINAL WHERE _ferry_is_deleted = 0"
-    ))
-    .fetch_one::<(i64, String, i64, i64)>()
-    .await
-    .ok()
-}
-
-/// The spec of the pipe "live": `tables` of the test's Postgres into database `dest`.
-fn live_spec(
-    pg: &Postgres,
-    ch: &ClickHouse,
-    tables: &[&str],
-    mode: PipeMode,
-    settings: PipeSettings,
-) -> PipeSpec {
-    PipeSpec {
-        name: "live".into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "dest".into(),
-            ..Default::default()
-        }),
-        tables: tables
-            .iter()
-            .map(|t| TableMapping {
-                source_table: (*t).into(),
-                ..Default::default()
-            })
-            .collect(),
-        mode: mode.into(),
-        settings: Some(settings),
-    }
-}
-
-async fn converge(db: &tokio_postgres::Client, ch: &Client, table: &str) {
-    let expected = pg_digest(db, table).await;
-    let reached = wait::until(WITHIN, || async {
-        let got = ch_digest(ch, table).await?;
-        (got == expected).then_some(())
-    })
-    .await;
-    assert!(
-        reached.is_some(),
-        "{table}: clickhouse {:?} never matched postgres {expected:?}",
-        ch_digest(ch, table).await
-    );
+/// Waits until ClickHouse holds `table`'s rows as Postgres does.
+async fn converge(stack: &Stack, table: &str) {
+    let (postgres, clickhouse) = rows(table);
+    stack.converge(&postgres, &clickhouse).await;
 }
 
 #[tokio::test]
 async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
-    let pg = Postgres::start().await.unwrap();
-    let ch = ClickHouse::start().await.unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let db = pg.client("postgres").await.unwrap();
-    db.batch_execute(
+    let stack = Stack::start(
         "CREATE TABLE items (id bigint PRIMARY KEY, note text, big text);
          CREATE TABLE wide (id bigint PRIMARY KEY, note text, big text);
          ALTER TABLE wide REPLICA IDENTITY FULL;
@@ -104,55 +39,12 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
          INSERT INTO items SELECT i, 'item ' || i, NULL FROM generate_series(1, 1000) i;
          INSERT INTO wide SELECT i, 'w' || i, repeat('x', 5000) FROM generate_series(1, 10) i;",
     )
-    .await
-    .unwrap();
-
-    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
-    let coordinator = ferry.coordinator("c1").unwrap();
-    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
-    coordinator.wait_serving(WITHIN).await.unwrap();
-    let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = live_spec(
-        &pg,
-        &ch,
-        &["items", "wide"],
-        PipeMode::SnapshotAndCdc,
-        PipeSettings {
-            sync_interval: Some(ProtoDuration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            ..Default::default()
-        },
-    );
-    client
-        .create_pipe(CreatePipeRequest {
-            spec: Some(spec),
-            secrets: None,
-        })
-        .await
-        .unwrap();
-    let running = wait::until(WITHIN, || {
-        let mut client = client.clone();
-        async move {
-            let pipe = client
-                .get_pipe(GetPipeRequest {
-                    name: "live".into(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .pipe?;
-            let status = pipe.status?;
-            assert_ne!(status.state(), PipeState::Failed, "{:?}", status.error);
-            (status.state() == PipeState::Running).then_some(())
-        }
-    })
     .await;
-    assert!(running.is_some(), "the pipe never reached running");
-    let clickhouse = Client::default().with_url(ch.url());
-    converge(&db, &clickhouse, "items").await;
+    let db = &stack.db;
+    stack
+        .create(stack.spec("live", &["items", "wide"], PipeMode::SnapshotAndCdc))
+        .await;
+    converge(&stack, "items").await;
 
     // Changes of every kind, each in its own transaction, some in one.
     for statement in [
@@ -168,21 +60,11 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
     ] {
         db.batch_execute(statement).await.unwrap();
     }
-    converge(&db, &clickhouse, "items").await;
-    converge(&db, &clickhouse, "wide").await;
+    converge(&stack, "items").await;
+    converge(&stack, "wide").await;
 
     // The status shows the stream: checkpoint, lag, per-table counters.
-    let status = client
-        .get_pipe(GetPipeRequest {
-            name: "live".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pipe
-        .unwrap()
-        .status
-        .unwrap();
+    let status = stack.status("live").await.unwrap();
     let replication = status.replication.expect("replication status");
     assert_eq!(replication.worker_id, "d1");
     assert!(replication.checkpoint_lsn > 0 && replication.last_batch_at.is_some());
@@ -199,27 +81,27 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
     db.batch_execute("INSERT INTO items VALUES (1, 'after truncate', NULL)")
         .await
         .unwrap();
-    converge(&db, &clickhouse, "items").await;
+    converge(&stack, "items").await;
 
     // Invariant: the slot's confirmed_flush_lsn is never ahead of the checkpoint in etcd.
-    let store = ferry.store().await.unwrap();
+    let store = stack.ferry.store().await.unwrap();
     let checkpoint = store
         .checkpoint("live")
         .await
         .unwrap()
         .expect("a checkpoint was written")
         .lsn;
-    let confirmed = confirmed_flush(&db).await;
+    let confirmed = confirmed_flush(db).await;
     assert!(
         confirmed <= checkpoint,
         "slot confirmed {confirmed:#x} beyond checkpoint {checkpoint:#x}"
     );
 
     // An idle database: heartbeats (every sync interval, 1 s here) still move the slot.
-    let idle_from = confirmed_flush(&db).await;
+    let idle_from = confirmed_flush(db).await;
     // Two heartbeat intervals (1 s each), plus one status report (1 s) and a margin.
     let moved = wait::until(Duration::from_secs(5), || async {
-        (confirmed_flush(&db).await > idle_from).then_some(())
+        (confirmed_flush(db).await > idle_from).then_some(())
     })
     .await;
     assert!(
@@ -227,7 +109,7 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
         "the slot did not advance while the database was idle"
     );
     let checkpoint = store.checkpoint("live").await.unwrap().unwrap().lsn;
-    assert!(confirmed_flush(&db).await <= checkpoint);
+    assert!(confirmed_flush(db).await <= checkpoint);
 
     // ADD COLUMN reaches ClickHouse, rows that predate it with its default; DROP COLUMN keeps
     // the ClickHouse column.
@@ -240,27 +122,15 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
     ] {
         db.batch_execute(statement).await.unwrap();
     }
-    let expected: (i64, i64) = {
-        let row = db
-            .query_one(
-                "SELECT count(*), coalesce(sum(extra), 0)::int8 FROM items",
-                &[],
-            )
-            .await
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
-    let reached = wait::until(WITHIN, || async {
-        let got: (i64, i64) = clickhouse
-            .query("SELECT toInt64(count()), toInt64(sum(ifNull(extra, 0))) FROM dest.items FINAL WHERE _ferry_is_deleted = 0")
-            .fetch_one()
-            .await
-            .ok()?;
-        (got == expected).then_some(())
-    })
-    .await;
-    assert!(reached.is_some(), "added column never matched {expected:?}");
-    let big_kept: u64 = clickhouse
+    stack
+        .converge(
+            "SELECT count(*)::text, coalesce(sum(extra), 0)::text FROM items",
+            "SELECT toString(count()), toString(sum(ifNull(extra, 0))) FROM dest.items FINAL \
+             WHERE _ferry_is_deleted = 0",
+        )
+        .await;
+    let big_kept: u64 = stack
+        .clickhouse
         .query("SELECT count() FROM system.columns WHERE database = 'dest' AND table = 'items' AND name = 'big'")
         .fetch_one()
         .await
@@ -274,24 +144,8 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
     db.batch_execute("INSERT INTO wide VALUES (500, 1, 'x')")
         .await
         .unwrap();
-    let failed = wait::until(WITHIN, || {
-        let mut client = client.clone();
-        async move {
-            let status = client
-                .get_pipe(GetPipeRequest {
-                    name: "live".into(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .pipe?
-                .status?;
-            (status.state() == PipeState::Failed).then_some(status)
-        }
-    })
-    .await
-    .expect("the pipe did not fail on an incompatible type change");
-    let error = failed.error.unwrap();
+    let failed = stack.wait_state("live", PipeState::Failed).await;
+    let error = failed.status.unwrap().error.unwrap();
     assert_eq!(error.table, "public.wide");
     assert!(error.message.contains("changed type"), "{}", error.message);
     assert!(error.remedy.contains("ferry delete"), "{}", error.remedy);
@@ -312,44 +166,19 @@ async fn confirmed_flush(db: &tokio_postgres::Client) -> u64 {
 
 #[tokio::test]
 async fn a_killed_cdc_worker_is_replaced_and_nothing_is_lost() {
-    let pg = Postgres::start().await.unwrap();
-    let ch = ClickHouse::start().await.unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let db = pg.client("postgres").await.unwrap();
-    db.batch_execute(
+    let mut stack = Stack::start_with(
         "CREATE TABLE items (id bigint PRIMARY KEY, note text, big text);
          INSERT INTO items SELECT i, 'item ' || i, NULL FROM generate_series(1, 100) i;",
-    )
-    .await
-    .unwrap();
-    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
-    let coordinator = ferry.coordinator("c1").unwrap();
-    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    let mut doomed = ferry.worker(WorkerKind::Cdc, "doomed").unwrap();
-    coordinator.wait_serving(WITHIN).await.unwrap();
-    let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = live_spec(
-        &pg,
-        &ch,
-        &["items"],
-        PipeMode::SnapshotAndCdc,
-        PipeSettings {
-            sync_interval: Some(ProtoDuration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            pull_batch_size: Some(50),
-            ..Default::default()
+        Workers {
+            cdc: Some("doomed"),
+            ..Workers::default()
         },
-    );
-    client
-        .create_pipe(CreatePipeRequest {
-            spec: Some(spec),
-            secrets: None,
-        })
-        .await
-        .unwrap();
-    let store = ferry.store().await.unwrap();
+    )
+    .await;
+    let mut spec = stack.spec("live", &["items"], PipeMode::SnapshotAndCdc);
+    spec.settings.as_mut().unwrap().pull_batch_size = Some(50);
+    stack.submit(spec).await.unwrap();
+    let store = stack.ferry.store().await.unwrap();
     let owned = wait::until(WITHIN, || async {
         let (owner, _) = store.cdc_owner("live").await.ok()??;
         (owner == "doomed").then_some(())
@@ -361,8 +190,8 @@ async fn a_killed_cdc_worker_is_replaced_and_nothing_is_lost() {
     // order: the checkpoint only grows, so a later read cannot hide a violation).
     let (stop_sampling, mut sampling_stopped) = tokio::sync::watch::channel(false);
     let sampler = {
-        let sampler_db = pg.client("postgres").await.unwrap();
-        let store = ferry.store().await.unwrap();
+        let sampler_db = stack.pg.client("postgres").await.unwrap();
+        let store = stack.ferry.store().await.unwrap();
         tokio::spawn(async move {
             let mut samples = 0u32;
             while !*sampling_stopped.borrow_and_update() {
@@ -382,7 +211,7 @@ async fn a_killed_cdc_worker_is_replaced_and_nothing_is_lost() {
         })
     };
     // A bounded write workload runs while the worker is killed and replaced.
-    let writer = pg.client("postgres").await.unwrap();
+    let writer = stack.pg.client("postgres").await.unwrap();
     let workload = tokio::spawn(async move {
         for i in 0..400i64 {
             let id = 1000 + i;
@@ -404,12 +233,10 @@ async fn a_killed_cdc_worker_is_replaced_and_nothing_is_lost() {
     })
     .await;
     assert!(progressed.is_some(), "the doomed worker never checkpointed");
-    doomed.process().kill9();
-    let _survivor = ferry.worker(WorkerKind::Cdc, "survivor").unwrap();
+    stack.replace_cdc("survivor");
     workload.await.unwrap();
 
-    let clickhouse = Client::default().with_url(ch.url());
-    converge(&db, &clickhouse, "items").await;
+    converge(&stack, "items").await;
     stop_sampling.send_replace(true);
     let samples = sampler.await.unwrap();
     assert!(
@@ -418,68 +245,18 @@ async fn a_killed_cdc_worker_is_replaced_and_nothing_is_lost() {
     );
     let checkpoint = store.checkpoint("live").await.unwrap().unwrap();
     assert_eq!(checkpoint.worker_id, "survivor");
-    assert!(confirmed_flush(&db).await <= checkpoint.lsn);
-}
-
-async fn state(
-    client: &mut ferry_proto::v1::pipe_service_client::PipeServiceClient<tonic::transport::Channel>,
-) -> PipeState {
-    client
-        .get_pipe(GetPipeRequest {
-            name: "live".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pipe
-        .unwrap()
-        .status
-        .unwrap()
-        .state()
+    assert!(confirmed_flush(&stack.db).await <= checkpoint.lsn);
 }
 
 #[tokio::test]
 async fn pause_stops_the_stream_at_a_checkpoint_and_resume_catches_up() {
-    let pg = Postgres::start().await.unwrap();
-    let ch = ClickHouse::start().await.unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let db = pg.client("postgres").await.unwrap();
-    db.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, note text, big text);")
-        .await
-        .unwrap();
-    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
-    let coordinator = ferry.coordinator("c1").unwrap();
-    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
-    coordinator.wait_serving(WITHIN).await.unwrap();
-    let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = live_spec(
-        &pg,
-        &ch,
-        &["items"],
-        PipeMode::CdcOnly,
-        PipeSettings {
-            sync_interval: Some(ProtoDuration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            ..Default::default()
-        },
-    );
-    client
-        .create_pipe(CreatePipeRequest {
-            spec: Some(spec),
-            secrets: None,
-        })
-        .await
-        .unwrap();
-    let running = wait::until(WITHIN, || {
-        let mut client = client.clone();
-        async move { (state(&mut client).await == PipeState::Running).then_some(()) }
-    })
-    .await;
-    assert!(running.is_some());
-    let store = ferry.store().await.unwrap();
+    let stack =
+        Stack::start("CREATE TABLE items (id bigint PRIMARY KEY, note text, big text);").await;
+    let db = &stack.db;
+    stack
+        .create(stack.spec("live", &["items"], PipeMode::CdcOnly))
+        .await;
+    let store = stack.ferry.store().await.unwrap();
     let streaming = wait::until(WITHIN, || async {
         store.cdc_owner("live").await.ok()?.map(|_| ())
     })
@@ -494,7 +271,9 @@ async fn pause_stops_the_stream_at_a_checkpoint_and_resume_catches_up() {
         .await
         .unwrap();
     }
-    client
+    stack
+        .client
+        .clone()
         .pause_pipe(PausePipeRequest {
             name: "live".into(),
         })
@@ -507,23 +286,18 @@ async fn pause_stops_the_stream_at_a_checkpoint_and_resume_catches_up() {
         .await
         .unwrap();
     }
-    let paused = wait::until(Duration::from_secs(15), || {
-        let mut client = client.clone();
-        async move { (state(&mut client).await == PipeState::Paused).then_some(()) }
-    })
-    .await;
-    assert!(
-        paused.is_some(),
-        "the pipe did not reach paused within seconds"
-    );
+    // The pipe reaches paused within seconds.
+    stack
+        .wait_states("live", &[PipeState::Paused], Duration::from_secs(15))
+        .await;
     assert!(
         store.cdc_owner("live").await.unwrap().is_none(),
         "a stream still runs while paused"
     );
 
     // While paused nothing arrives, however long we look (three sync intervals here).
-    let clickhouse = Client::default().with_url(ch.url());
-    let at_pause = ch_digest(&clickhouse, "items").await;
+    let (_, ch_items) = rows("items");
+    let at_pause = stack.ch_rows(&ch_items).await;
     for i in 400..600 {
         db.batch_execute(&format!(
             "INSERT INTO items VALUES ({i}, 'while paused', NULL)"
@@ -532,29 +306,30 @@ async fn pause_stops_the_stream_at_a_checkpoint_and_resume_catches_up() {
         .unwrap();
     }
     let arrived = wait::until(Duration::from_secs(3), || async {
-        (ch_digest(&clickhouse, "items").await != at_pause).then_some(())
+        (stack.ch_rows(&ch_items).await != at_pause).then_some(())
     })
     .await;
     assert!(arrived.is_none(), "rows arrived while the pipe was paused");
 
     // Resume: everything, including what was written while paused, arrives exactly.
-    client
+    stack
+        .client
+        .clone()
         .resume_pipe(ResumePipeRequest {
             name: "live".into(),
         })
         .await
         .unwrap();
-    converge(&db, &clickhouse, "items").await;
-    assert_eq!(state(&mut client).await, PipeState::Running);
+    converge(&stack, "items").await;
+    assert_eq!(
+        stack.status("live").await.unwrap().state(),
+        PipeState::Running
+    );
 }
 
 #[tokio::test]
 async fn unchanged_toast_values_survive_updates_without_replica_identity_full() {
-    let pg = Postgres::start().await.unwrap();
-    let ch = ClickHouse::start().await.unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let db = pg.client("postgres").await.unwrap();
-    db.batch_execute(
+    let stack = Stack::start(
         "CREATE TABLE docs (id bigint PRIMARY KEY, title text, body text, tags text[], blob bytea);
          ALTER TABLE docs ALTER body SET STORAGE EXTERNAL;
          ALTER TABLE docs ALTER tags SET STORAGE EXTERNAL;
@@ -565,41 +340,11 @@ async fn unchanged_toast_values_survive_updates_without_replica_identity_full() 
              decode(repeat(md5(i::text), 200), 'hex')
            FROM generate_series(1, 5) i;",
     )
-    .await
-    .unwrap();
-    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
-    let coordinator = ferry.coordinator("c1").unwrap();
-    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
-    coordinator.wait_serving(WITHIN).await.unwrap();
-    let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = live_spec(
-        &pg,
-        &ch,
-        &["docs"],
-        PipeMode::SnapshotAndCdc,
-        PipeSettings {
-            sync_interval: Some(ProtoDuration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            ..Default::default()
-        },
-    );
-    client
-        .create_pipe(CreatePipeRequest {
-            spec: Some(spec),
-            secrets: None,
-        })
-        .await
-        .unwrap();
-    let running = wait::until(WITHIN, || {
-        let mut client = client.clone();
-        async move { (state(&mut client).await == PipeState::Running).then_some(()) }
-    })
     .await;
-    assert!(running.is_some());
-    let store = ferry.store().await.unwrap();
+    stack
+        .create(stack.spec("live", &["docs"], PipeMode::SnapshotAndCdc))
+        .await;
+    let store = stack.ferry.store().await.unwrap();
     let streaming = wait::until(WITHIN, || async {
         store.cdc_owner("live").await.ok()?.map(|_| ())
     })
@@ -613,49 +358,27 @@ async fn unchanged_toast_values_survive_updates_without_replica_identity_full() 
         "UPDATE docs SET title = 'six again' WHERE id = 6",
         "UPDATE docs SET title = title || ' (2)' WHERE id <= 2",
     ] {
-        db.batch_execute(statement).await.unwrap();
+        stack.db.batch_execute(statement).await.unwrap();
     }
-    let digest = "SELECT string_agg(id || ':' || title || ':' || md5(body) || ':' || md5(array_to_string(tags, ',')) \
-                  || ':' || md5(blob), '|' ORDER BY id) FROM docs";
-    let expected: String = db.query_one(digest, &[]).await.unwrap().get(0);
-    let clickhouse = Client::default().with_url(ch.url());
-    let ch_digest = "SELECT arrayStringConcat(groupArray(line), '|') FROM (SELECT concat(toString(id), ':', \
-                     assumeNotNull(title), ':', lower(hex(MD5(assumeNotNull(body)))), ':', \
-                     lower(hex(MD5(arrayStringConcat(tags, ',')))), ':', lower(hex(MD5(assumeNotNull(blob))))) AS line \
-                     FROM dest.docs FINAL WHERE _ferry_is_deleted = 0 ORDER BY id)";
-    let matched = wait::until(WITHIN, || async {
-        let got: String = clickhouse.query(ch_digest).fetch_one().await.ok()?;
-        (got == expected).then_some(())
-    })
-    .await;
-    let got: String = clickhouse
-        .query(ch_digest)
-        .fetch_one()
-        .await
-        .unwrap_or_default();
-    let problems: Vec<String> = ferry
-        .all_logs()
-        .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-        .map(str::to_owned)
-        .collect();
-    assert!(
-        matched.is_some(),
-        "clickhouse\n{got}\npostgres\n{expected}\nlogs:\n{}",
-        problems.join("\n")
+    stack
+        .converge(
+            "SELECT id::text, title, md5(body), md5(array_to_string(tags, ',')), md5(blob) FROM docs",
+            "SELECT toString(id), assumeNotNull(title), lower(hex(MD5(assumeNotNull(body)))), \
+             lower(hex(MD5(arrayStringConcat(tags, ',')))), lower(hex(MD5(assumeNotNull(blob)))) \
+             FROM dest.docs FINAL WHERE _ferry_is_deleted = 0",
+        )
+        .await;
+    assert_eq!(
+        stack.status("live").await.unwrap().state(),
+        PipeState::Running
     );
-    assert_eq!(state(&mut client).await, PipeState::Running);
 }
 
 /// A snapshot+CDC pipe under a concurrent workload of every kind: after the workload stops
 /// and the stream catches up, ClickHouse (FINAL, not deleted) equals Postgres exactly.
 #[tokio::test]
 async fn a_concurrent_workload_of_every_kind_converges_exactly() {
-    let pg = Postgres::start().await.unwrap();
-    let ch = ClickHouse::start().await.unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let db = pg.client("postgres").await.unwrap();
-    db.batch_execute(
+    let stack = Stack::start(
         "CREATE TABLE items (id bigint PRIMARY KEY, note text, big text);
          ALTER TABLE items ALTER big SET STORAGE EXTERNAL;
          INSERT INTO items SELECT i, 'item ' || i, CASE WHEN i % 50 = 0 THEN repeat(md5(i::text), 32768) END
@@ -665,49 +388,15 @@ async fn a_concurrent_workload_of_every_kind_converges_exactly() {
          CREATE TABLE events_b PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2030-01-01');
          INSERT INTO events SELECT i, '2024-06-01'::date + (i % 400), 'event ' || i, NULL FROM generate_series(1, 1000) i;",
     )
-    .await
-    .unwrap();
-    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
-    let coordinator = ferry.coordinator("c1").unwrap();
-    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
-    coordinator.wait_serving(WITHIN).await.unwrap();
-    let mut client = coordinator.pipe_client().await.unwrap();
-    let spec = live_spec(
-        &pg,
-        &ch,
-        &["items", "events"],
-        PipeMode::SnapshotAndCdc,
-        PipeSettings {
-            sync_interval: Some(ProtoDuration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            pull_batch_size: Some(500),
-            ..Default::default()
-        },
-    );
-    client
-        .create_pipe(CreatePipeRequest {
-            spec: Some(spec),
-            secrets: None,
-        })
-        .await
-        .unwrap();
-    // The workload starts once the slot exists (the snapshot may still run): CDC carries it.
-    let past_setup = wait::until(WITHIN, || {
-        let mut client = client.clone();
-        async move {
-            matches!(
-                state(&mut client).await,
-                PipeState::Snapshot | PipeState::Running
-            )
-            .then_some(())
-        }
-    })
     .await;
-    assert!(past_setup.is_some());
-    let writer = pg.client("postgres").await.unwrap();
+    let mut spec = stack.spec("live", &["items", "events"], PipeMode::SnapshotAndCdc);
+    spec.settings.as_mut().unwrap().pull_batch_size = Some(500);
+    stack.submit(spec).await.unwrap();
+    // The workload starts once the slot exists (the snapshot may still run): CDC carries it.
+    stack
+        .wait_states("live", &[PipeState::Snapshot, PipeState::Running], WITHIN)
+        .await;
+    let writer = stack.pg.client("postgres").await.unwrap();
     let workload = tokio::spawn(async move {
         for round in 0..60i64 {
             let base = 10_000 + round * 10;
@@ -762,84 +451,27 @@ async fn a_concurrent_workload_of_every_kind_converges_exactly() {
     });
     workload.await.unwrap();
 
-    let running = wait::until(WITHIN, || {
-        let mut client = client.clone();
-        async move { (state(&mut client).await == PipeState::Running).then_some(()) }
-    })
-    .await;
-    assert!(running.is_some(), "the pipe never reached running");
-    let clickhouse = Client::default().with_url(ch.url());
+    stack.wait_state("live", PipeState::Running).await;
     // Row by row: every live row's id, note, big (as md5) and extra.
-    let pg_rows = "SELECT string_agg(id || ':' || coalesce(note, '') || ':' || coalesce(md5(big), '') \
-                   || ':' || coalesce(extra, 0), '|' ORDER BY id) FROM items";
-    let ch_rows = "SELECT arrayStringConcat(groupArray(line), '|') FROM (SELECT concat(toString(id), ':', \
-                   ifNull(note, ''), ':', if(isNull(big), '', lower(hex(MD5(assumeNotNull(big))))), ':', \
-                   toString(ifNull(extra, 0))) AS line FROM dest.items FINAL WHERE _ferry_is_deleted = 0 ORDER BY id)";
-    let expected: String = db.query_one(pg_rows, &[]).await.unwrap().get(0);
-    let matched = wait::until(WITHIN, || async {
-        let got: String = clickhouse.query(ch_rows).fetch_one().await.ok()?;
-        (got == expected).then_some(())
-    })
-    .await;
-    if matched.is_none() {
-        let got: String = clickhouse
-            .query(ch_rows)
-            .fetch_one()
-            .await
-            .unwrap_or_default();
-        let (g, e): (Vec<&str>, Vec<&str>) =
-            (got.split('|').collect(), expected.split('|').collect());
-        let missing: Vec<_> = e.iter().filter(|r| !g.contains(r)).take(5).collect();
-        let extra: Vec<_> = g.iter().filter(|r| !e.contains(r)).take(5).collect();
-        let logs: Vec<String> = ferry
-            .all_logs()
-            .lines()
-            .filter(|l| l.contains("WARN"))
-            .map(str::to_owned)
-            .collect();
-        let error = clickhouse.query(ch_rows).fetch_one::<String>().await.err();
-        let status = client
-            .get_pipe(GetPipeRequest {
-                name: "live".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .pipe
-            .unwrap()
-            .status;
-        panic!(
-            "items differ: missing {missing:?}, unexpected {extra:?}\nquery error {error:?}\nstatus {status:?}\n{}",
-            logs.join("\n")
-        );
-    }
-    let pg_events = "SELECT coalesce(string_agg(id || ':' || at || ':' || note, '|' ORDER BY id, at), '') FROM events";
-    let ch_events = "SELECT arrayStringConcat(groupArray(line), '|') FROM (SELECT concat(toString(id), ':', \
-                     toString(at), ':', ifNull(note, '')) AS line FROM dest.events FINAL WHERE _ferry_is_deleted = 0 \
-                     ORDER BY id, at)";
-    let expected: String = db.query_one(pg_events, &[]).await.unwrap().get(0);
-    let matched = wait::until(WITHIN, || async {
-        let got: String = clickhouse.query(ch_events).fetch_one().await.ok()?;
-        (got == expected).then_some(())
-    })
-    .await;
-    assert!(
-        matched.is_some(),
-        "events (partitioned) never matched postgres row for row"
-    );
-    assert_eq!(state(&mut client).await, PipeState::Running);
+    stack
+        .converge(
+            "SELECT id::text, coalesce(note, ''), coalesce(md5(big), ''), coalesce(extra, 0)::text \
+             FROM items",
+            "SELECT toString(id), ifNull(note, ''), if(isNull(big), '', lower(hex(MD5(assumeNotNull(big))))), \
+             toString(ifNull(extra, 0)) FROM dest.items FINAL WHERE _ferry_is_deleted = 0",
+        )
+        .await;
+    // events (partitioned) matches postgres row for row.
+    stack
+        .converge(
+            "SELECT id::text, at::text, note FROM events",
+            "SELECT toString(id), toString(at), ifNull(note, '') FROM dest.events FINAL \
+             WHERE _ferry_is_deleted = 0",
+        )
+        .await;
+    let status = stack.status("live").await.unwrap();
+    assert_eq!(status.state(), PipeState::Running);
     // The changes really went through the stream.
-    let status = client
-        .get_pipe(GetPipeRequest {
-            name: "live".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pipe
-        .unwrap()
-        .status
-        .unwrap();
     let items = status
         .tables
         .iter()

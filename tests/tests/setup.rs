@@ -4,19 +4,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+mod common;
 
 use clickhouse::Client;
-use ferry_proto::v1::pipe_service_client::PipeServiceClient;
-use ferry_proto::v1::*;
-use ferry_testkit::clickhouse::ClickHouse;
-use ferry_testkit::etcd::Etcd;
-use ferry_testkit::ferry::Ferry;
+use common::stack::{Stack, WITHIN};
+use ferry_proto::v1::{
+    DeletePipeRequest, GetPipeRequest, PipeMode, PipeSecrets, PipeSettings, PipeState,
+};
 use ferry_testkit::postgres::Postgres;
 use ferry_testkit::{free_port, wait};
-use tonic::transport::Channel;
-
-const WITHIN: Duration = Duration::from_secs(60);
 
 struct Case {
     name: &'static str,
@@ -28,59 +24,23 @@ struct Case {
     remedy: &'static str,
 }
 
-fn spec(case: &Case, ch: &ClickHouse, settings: PipeSettings) -> CreatePipeRequest {
-    let (schema, table) = case.table.split_once('.').unwrap();
-    CreatePipeRequest {
-        spec: Some(PipeSpec {
-            name: case.name.into(),
-            source: Some(PostgresSource {
-                host: "127.0.0.1".into(),
-                port: u32::from(case.port),
-                database: "postgres".into(),
-                user: case.user.into(),
-                ..Default::default()
-            }),
-            destination: Some(ClickHouseDestination {
-                url: ch.url(),
-                database: format!("d_{}", case.name),
-                ..Default::default()
-            }),
-            tables: vec![TableMapping {
-                source_schema: schema.into(),
-                source_table: table.into(),
-                destination_table: String::new(),
-                ..Default::default()
-            }],
-            mode: PipeMode::SnapshotAndCdc.into(),
-            settings: Some(settings),
-        }),
-        secrets: Some(PipeSecrets {
-            source_password: case.password.into(),
-            destination_password: String::new(),
-        }),
-    }
-}
-
-async fn settle(client: &PipeServiceClient<Channel>, name: &str) -> PipeStatus {
-    let settled = wait::until(WITHIN, || {
-        let mut client = client.clone();
-        async move {
-            let status = client
-                .get_pipe(GetPipeRequest { name: name.into() })
-                .await
-                .ok()?
-                .into_inner()
-                .pipe?
-                .status?;
-            matches!(status.state(), PipeState::Failed | PipeState::Running).then_some(status)
-        }
-    })
-    .await;
-    settled.unwrap_or_else(|| panic!("pipe {name} never settled"))
-}
-
-async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
-    db.query_one(sql, &[]).await.unwrap().get(0)
+/// Asks for the pipe of `case`: its table, from its port as its user, into `d_<name>`.
+async fn submit(stack: &Stack, case: &Case) {
+    let mut spec = stack.spec_into(
+        &format!("d_{}", case.name),
+        case.name,
+        &[case.table],
+        PipeMode::SnapshotAndCdc,
+    );
+    let source = spec.source.as_mut().unwrap();
+    source.port = u32::from(case.port);
+    source.user = case.user.into();
+    spec.settings = Some(PipeSettings::default());
+    let secrets = PipeSecrets {
+        source_password: case.password.into(),
+        destination_password: String::new(),
+    };
+    stack.submit_with(spec, Some(secrets)).await.unwrap();
 }
 
 async fn databases(ch: &Client) -> Vec<String> {
@@ -92,20 +52,16 @@ async fn databases(ch: &Client) -> Vec<String> {
 
 #[tokio::test]
 async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
-    let pg = Postgres::start().await.unwrap();
     let replica_only = Postgres::start_with(&["wal_level=replica"]).await.unwrap();
-    let ch = ClickHouse::start().await.unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let db = pg.client("postgres").await.unwrap();
-    db.batch_execute(
+    let stack = Stack::start(
         "CREATE TABLE good (id int PRIMARY KEY, v text);
          INSERT INTO good SELECT i, 'v' || i FROM generate_series(1, 1000) i;
          CREATE TABLE no_key (v text);
          CREATE ROLE limited LOGIN REPLICATION;
          CREATE ROLE guarded LOGIN REPLICATION SUPERUSER PASSWORD 'right';",
     )
-    .await
-    .unwrap();
+    .await;
+    let (pg, clickhouse) = (&stack.pg, &stack.clickhouse);
     pg.require_password_for("guarded").await.unwrap();
     replica_only
         .client("postgres")
@@ -114,14 +70,6 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
         .batch_execute("CREATE TABLE good (id int PRIMARY KEY)")
         .await
         .unwrap();
-
-    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
-    let coordinator = ferry.coordinator("c1").unwrap();
-    let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
-    coordinator.wait_serving(WITHIN).await.unwrap();
-    let mut client = coordinator.pipe_client().await.unwrap();
-    let clickhouse = Client::default().with_url(ch.url());
 
     let cases = [
         Case {
@@ -180,14 +128,11 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
         },
     ];
     for case in &cases {
-        client
-            .create_pipe(spec(case, &ch, PipeSettings::default()))
-            .await
-            .unwrap();
+        submit(&stack, case).await;
     }
     for case in &cases {
-        let status = settle(&client, case.name).await;
-        assert_eq!(status.state(), PipeState::Failed, "{}", case.name);
+        let pipe = stack.wait_state(case.name, PipeState::Failed).await;
+        let status = pipe.status.unwrap();
         assert_eq!(status.previous_state(), PipeState::Setup, "{}", case.name);
         let error = status.error.unwrap();
         assert!(
@@ -211,16 +156,23 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
         );
     }
     // Nothing behind: no destination database, no slot, no publication.
-    let dbs = databases(&clickhouse).await;
+    let dbs = databases(clickhouse).await;
     assert!(!dbs.iter().any(|d| d.starts_with("d_")), "{dbs:?}");
     assert_eq!(
-        count(&db, "SELECT count(*) FROM pg_replication_slots").await,
+        stack
+            .pg_count("SELECT count(*) FROM pg_replication_slots")
+            .await,
         0
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM pg_publication").await, 0);
+    assert_eq!(
+        stack.pg_count("SELECT count(*) FROM pg_publication").await,
+        0
+    );
     // Failed pipes delete cleanly.
     for case in &cases {
-        client
+        stack
+            .client
+            .clone()
             .delete_pipe(DeletePipeRequest {
                 name: case.name.into(),
             })
@@ -253,12 +205,9 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
         message: "",
         remedy: "",
     };
-    client
-        .create_pipe(spec(&occupied, &ch, PipeSettings::default()))
-        .await
-        .unwrap();
-    let status = settle(&client, "occupied").await;
-    let error = status.error.unwrap();
+    submit(&stack, &occupied).await;
+    let pipe = stack.wait_state("occupied", PipeState::Failed).await;
+    let error = pipe.status.unwrap().error.unwrap();
     assert!(
         error
             .message
@@ -272,10 +221,14 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
         error.remedy
     );
     assert_eq!(
-        count(&db, "SELECT count(*) FROM pg_replication_slots").await,
+        stack
+            .pg_count("SELECT count(*) FROM pg_replication_slots")
+            .await,
         0
     );
-    client
+    stack
+        .client
+        .clone()
         .delete_pipe(DeletePipeRequest {
             name: "occupied".into(),
         })
@@ -292,22 +245,16 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
         message: "",
         remedy: "",
     };
-    client
-        .create_pipe(spec(&fit, &ch, PipeSettings::default()))
-        .await
-        .unwrap();
-    let status = settle(&client, "fit").await;
-    assert_eq!(status.state(), PipeState::Running, "{:?}", status.error);
+    submit(&stack, &fit).await;
+    stack.wait_state("fit", PipeState::Running).await;
     assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'ferry_fit'"
-        )
-        .await,
+        stack
+            .pg_count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'ferry_fit'")
+            .await,
         1
     );
     assert_eq!(
-        count(&db, "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'ferry_fit' AND tablename = 'good'").await,
+        stack.pg_count("SELECT count(*) FROM pg_publication_tables WHERE pubname = 'ferry_fit' AND tablename = 'good'").await,
         1
     );
     let copied: u64 = clickhouse
@@ -318,12 +265,14 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
     assert_eq!(copied, 1000);
 
     // Deleting it drops the slot and the publication (the destination table stays).
-    client
+    stack
+        .client
+        .clone()
         .delete_pipe(DeletePipeRequest { name: "fit".into() })
         .await
         .unwrap();
     let gone = wait::until(WITHIN, || {
-        let mut client = client.clone();
+        let mut client = stack.client.clone();
         async move {
             client
                 .get_pipe(GetPipeRequest { name: "fit".into() })
@@ -335,9 +284,14 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
     .await;
     assert!(gone.is_some(), "the pipe was not deleted");
     assert_eq!(
-        count(&db, "SELECT count(*) FROM pg_replication_slots").await,
+        stack
+            .pg_count("SELECT count(*) FROM pg_replication_slots")
+            .await,
         0
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM pg_publication").await, 0);
-    assert!(databases(&clickhouse).await.contains(&"d_fit".to_owned()));
+    assert_eq!(
+        stack.pg_count("SELECT count(*) FROM pg_publication").await,
+        0
+    );
+    assert!(databases(clickhouse).await.contains(&"d_fit".to_owned()));
 }

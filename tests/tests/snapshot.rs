@@ -8,16 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use clickhouse::Client;
-use ferry_proto::v1::pipe_service_client::PipeServiceClient;
-use ferry_proto::v1::*;
+use common::stack::{Stack, Workers};
+use ferry_proto::v1::{PipeMode, PipeSettings, PipeState, SnapshotPartition, WorkerKind};
 use ferry_store::etcd_client::GetOptions;
-use ferry_testkit::clickhouse::ClickHouse;
-use ferry_testkit::etcd::Etcd;
-use ferry_testkit::ferry::{Ferry, Service};
-use ferry_testkit::postgres::Postgres;
+use ferry_testkit::ferry::Ferry;
 use ferry_testkit::wait;
-use tonic::transport::Channel;
 
 const BIG_ROWS: i64 = 1_000_000;
 
@@ -32,66 +27,6 @@ CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO (
 INSERT INTO events SELECT i, '2023-06-01'::date + (i % 400), 'event ' || i FROM generate_series(1, 5000) AS i;
 ANALYZE events;
 ";
-
-fn spec(pg: &Postgres, ch: &ClickHouse, name: &str, mode: PipeMode) -> PipeSpec {
-    PipeSpec {
-        name: name.into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: "dest".into(),
-            ..Default::default()
-        }),
-        tables: ["everything", "big", "events"]
-            .into_iter()
-            .map(|t| TableMapping {
-                source_table: t.into(),
-                ..Default::default()
-            })
-            .collect(),
-        mode: mode.into(),
-        settings: Some(PipeSettings {
-            snapshot_rows_per_partition: Some(100_000),
-            snapshot_parallel_partitions: Some(4),
-            snapshot_parallel_tables: Some(2),
-            ..Default::default()
-        }),
-    }
-}
-
-async fn pipe(client: &mut PipeServiceClient<Channel>, name: &str) -> Option<Pipe> {
-    client
-        .get_pipe(GetPipeRequest { name: name.into() })
-        .await
-        .ok()?
-        .into_inner()
-        .pipe
-}
-
-async fn wait_for_state(
-    client: &PipeServiceClient<Channel>,
-    name: &str,
-    want: PipeState,
-    within: Duration,
-) -> Pipe {
-    let reached = wait::until(within, || {
-        let mut client = client.clone();
-        async move {
-            let pipe = pipe(&mut client, name).await?;
-            let state = pipe.status.as_ref()?.state();
-            assert_ne!(state, PipeState::Failed, "pipe failed: {:?}", pipe.status);
-            (state == want).then_some(pipe)
-        }
-    })
-    .await;
-    reached.unwrap_or_else(|| panic!("pipe {name} did not reach {want:?}"))
-}
 
 /// Owner keys and the worker holding each.
 async fn claims(ferry: &Ferry, pipe: &str) -> Vec<(String, String)> {
@@ -127,45 +62,39 @@ async fn partitions(ferry: &Ferry, pipe: &str) -> Vec<SnapshotPartition> {
         .collect()
 }
 
-async fn start(ferry: &Ferry, kind: WorkerKind, id: &str) -> Service {
-    let worker = ferry.worker(kind, id).unwrap();
-    worker.wait_serving(Duration::from_secs(20)).await.unwrap();
-    worker
-}
-
 #[tokio::test]
 async fn a_snapshot_survives_a_killed_worker_and_matches_postgres_exactly() {
-    let pg = Postgres::start().await.unwrap();
-    let ch = ClickHouse::start().await.unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let db = pg.client("postgres").await.unwrap();
-    db.batch_execute(common::SCHEMA).await.unwrap();
-    db.batch_execute(TABLES).await.unwrap();
-
-    let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
-    let coordinator = ferry.coordinator("c1").unwrap();
-    coordinator
-        .wait_serving(Duration::from_secs(20))
-        .await
-        .unwrap();
-    let mut doomed = start(&ferry, WorkerKind::Snapshot, "doomed").await;
-    let mut client = coordinator.pipe_client().await.unwrap();
-    client
-        .create_pipe(CreatePipeRequest {
-            spec: Some(spec(&pg, &ch, "copy", PipeMode::SnapshotOnly)),
-            secrets: None,
-        })
-        .await
-        .unwrap();
+    let stack = Stack::start_with(
+        &format!("{}{TABLES}", common::SCHEMA),
+        Workers {
+            snapshot: None,
+            cdc: None,
+        },
+    )
+    .await;
+    let ferry = &stack.ferry;
+    let mut doomed = stack.worker(WorkerKind::Snapshot, "doomed").await;
+    let mut spec = stack.spec(
+        "copy",
+        &["everything", "big", "events"],
+        PipeMode::SnapshotOnly,
+    );
+    spec.settings = Some(PipeSettings {
+        snapshot_rows_per_partition: Some(100_000),
+        snapshot_parallel_partitions: Some(4),
+        snapshot_parallel_tables: Some(2),
+        ..Default::default()
+    });
+    stack.submit(spec).await.unwrap();
 
     // The doomed worker starts copying; once it has finished one partition and holds another,
     // it is killed, and a survivor (with spare capacity) joins.
     let caught = wait::until(Duration::from_secs(60), || async {
-        let done_by_doomed = partitions(&ferry, "copy")
+        let done_by_doomed = partitions(ferry, "copy")
             .await
             .iter()
             .any(|p| p.done && p.worker_id == "doomed");
-        let held = claims(&ferry, "copy")
+        let held = claims(ferry, "copy")
             .await
             .iter()
             .any(|(_, worker)| worker == "doomed");
@@ -177,23 +106,19 @@ async fn a_snapshot_survives_a_killed_worker_and_matches_postgres_exactly() {
         "the doomed worker never finished a partition while holding another"
     );
     doomed.process().kill9();
-    let before_kill: Vec<_> = partitions(&ferry, "copy")
+    let before_kill: Vec<_> = partitions(ferry, "copy")
         .await
         .into_iter()
         .filter(|p| p.done)
         .collect();
-    let _survivor = start(&ferry, WorkerKind::Snapshot, "survivor").await;
+    let _survivor = stack.worker(WorkerKind::Snapshot, "survivor").await;
 
-    let finished = wait_for_state(
-        &client,
-        "copy",
-        PipeState::Completed,
-        Duration::from_secs(180),
-    )
-    .await;
+    let finished = stack
+        .wait_states("copy", &[PipeState::Completed], Duration::from_secs(180))
+        .await;
 
     // Done-marks in etcd: every partition done; what was done before the kill stayed done.
-    let plan = partitions(&ferry, "copy").await;
+    let plan = partitions(ferry, "copy").await;
     let big: Vec<_> = plan
         .iter()
         .filter(|p| p.source_table == "public.big")
@@ -215,10 +140,7 @@ async fn a_snapshot_survives_a_killed_worker_and_matches_postgres_exactly() {
         );
     }
     assert!(plan.iter().any(|p| p.worker_id == "survivor"));
-    assert!(
-        claims(&ferry, "copy").await.is_empty(),
-        "claims left behind"
-    );
+    assert!(claims(ferry, "copy").await.is_empty(), "claims left behind");
     let events: Vec<_> = plan
         .iter()
         .filter(|p| p.source_table == "public.events")
@@ -239,8 +161,8 @@ async fn a_snapshot_survives_a_killed_worker_and_matches_postgres_exactly() {
 
     // The data: every type value for value; the big and partitioned tables by checksum, with
     // no duplicate visible through FINAL.
-    let clickhouse = Client::default().with_url(ch.url());
-    common::compare_everything(&db, &clickhouse, "dest", "everything").await;
+    let (db, clickhouse) = (&stack.db, &stack.clickhouse);
+    common::compare_everything(db, clickhouse, "dest", "everything").await;
     let pg_big = db
         .query_one(
             "SELECT count(*), sum(id)::text, trim_scale(sum(n))::text, sum(length(payload)), \
@@ -283,11 +205,9 @@ async fn a_snapshot_survives_a_killed_worker_and_matches_postgres_exactly() {
     assert_eq!(what_len, u64::try_from(pg_events.get::<_, i64>(1)).unwrap());
 
     // A snapshot-only pipe keeps no slot.
-    let slots: i64 = db
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let slots = stack
+        .pg_count("SELECT count(*) FROM pg_replication_slots")
+        .await;
     assert_eq!(slots, 0);
     let store = ferry.store().await.unwrap();
     let exported = store.exported_snapshot("copy").await.unwrap();

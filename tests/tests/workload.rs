@@ -111,8 +111,8 @@ async fn a_hostile_workload_with_every_service_killed_verifies_equal() {
         );
     }
     stack.coordinator.process().kill9();
-    stack.snapshot.process().kill9();
-    stack.snapshot = stack.ferry.worker(WorkerKind::Snapshot, "s2").unwrap();
+    stack.snapshot.as_mut().unwrap().process().kill9();
+    stack.snapshot = Some(stack.ferry.worker(WorkerKind::Snapshot, "s2").unwrap());
     stack.client = standby.pipe_client().await.unwrap();
     stack.wait_state("hostile", PipeState::Running).await;
     streaming.send_replace(true);

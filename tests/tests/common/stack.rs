@@ -7,8 +7,8 @@ use std::time::Duration;
 use clickhouse::Client;
 use ferry_proto::v1::pipe_service_client::PipeServiceClient;
 use ferry_proto::v1::{
-    ClickHouseDestination, CreatePipeRequest, GetPipeRequest, Pipe, PipeMode, PipeSettings,
-    PipeSpec, PipeState, PipeStatus, PostgresSource, TableMapping, WorkerKind,
+    ClickHouseDestination, CreatePipeRequest, GetPipeRequest, Pipe, PipeMode, PipeSecrets,
+    PipeSettings, PipeSpec, PipeState, PipeStatus, PostgresSource, TableMapping, WorkerKind,
 };
 use ferry_testkit::clickhouse::ClickHouse;
 use ferry_testkit::etcd::Etcd;
@@ -20,15 +20,30 @@ use tonic::transport::Channel;
 /// How long a scenario waits for any one state.
 pub const WITHIN: Duration = Duration::from_secs(90);
 
-/// Real servers plus one coordinator, one snapshot worker and one CDC worker.
+/// Which workers a stack starts with, by id (`None`: no worker of that kind).
+pub struct Workers {
+    pub snapshot: Option<&'static str>,
+    pub cdc: Option<&'static str>,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Self {
+            snapshot: Some("s1"),
+            cdc: Some("d1"),
+        }
+    }
+}
+
+/// Real servers plus one coordinator and (by default) one snapshot worker and one CDC worker.
 pub struct Stack {
     pub pg: Postgres,
     pub ch: ClickHouse,
     pub etcd: Etcd,
     pub ferry: Ferry,
     pub coordinator: Service,
-    pub snapshot: Service,
-    pub cdc: Service,
+    pub snapshot: Option<Service>,
+    pub cdc: Option<Service>,
     pub db: tokio_postgres::Client,
     pub clickhouse: Client,
     pub client: PipeServiceClient<Channel>,
@@ -37,6 +52,11 @@ pub struct Stack {
 impl Stack {
     /// Starts everything; `setup_sql` runs on the source first.
     pub async fn start(setup_sql: &str) -> Self {
+        Self::start_with(setup_sql, Workers::default()).await
+    }
+
+    /// `start`, with the workers `workers` names.
+    pub async fn start_with(setup_sql: &str, workers: Workers) -> Self {
         let pg = Postgres::start().await.unwrap();
         let ch = ClickHouse::start().await.unwrap();
         let etcd = Etcd::start().await.unwrap();
@@ -46,8 +66,12 @@ impl Stack {
         }
         let ferry = Ferry::new(etcd.endpoints(), 3).unwrap();
         let coordinator = ferry.coordinator("c1").unwrap();
-        let snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-        let cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
+        let snapshot = workers
+            .snapshot
+            .map(|id| ferry.worker(WorkerKind::Snapshot, id).unwrap());
+        let cdc = workers
+            .cdc
+            .map(|id| ferry.worker(WorkerKind::Cdc, id).unwrap());
         coordinator.wait_serving(WITHIN).await.unwrap();
         let client = coordinator.pipe_client().await.unwrap();
         let clickhouse = Client::default().with_url(ch.url());
@@ -130,11 +154,20 @@ impl Stack {
 
     /// Asks the API to create the pipe of `spec`, without waiting for any state.
     pub async fn submit(&self, spec: PipeSpec) -> Result<(), tonic::Status> {
+        self.submit_with(spec, None).await
+    }
+
+    /// `submit`, with `secrets`.
+    pub async fn submit_with(
+        &self,
+        spec: PipeSpec,
+        secrets: Option<PipeSecrets>,
+    ) -> Result<(), tonic::Status> {
         self.client
             .clone()
             .create_pipe(CreatePipeRequest {
                 spec: Some(spec),
-                secrets: None,
+                secrets,
             })
             .await
             .map(drop)
@@ -164,23 +197,35 @@ impl Stack {
         name: &str,
         state: PipeState,
     ) -> impl std::future::Future<Output = Pipe> + '_ {
+        self.wait_states(name, &[state], WITHIN)
+    }
+
+    /// `wait_state` for any of `states`, within `within`.
+    #[track_caller]
+    pub fn wait_states<'a>(
+        &'a self,
+        name: &str,
+        states: &[PipeState],
+        within: Duration,
+    ) -> impl std::future::Future<Output = Pipe> + use<'a> {
         let caller = std::panic::Location::caller();
         let name = name.to_owned();
+        let states = states.to_vec();
         async move {
-            let reached = wait::until(WITHIN, || async {
+            let reached = wait::until(within, || async {
                 let pipe = self.pipe(&name).await?;
                 let status = pipe.status.clone()?;
-                if status.state() == PipeState::Failed && state != PipeState::Failed {
+                if status.state() == PipeState::Failed && !states.contains(&PipeState::Failed) {
                     panic!("{caller}: pipe {name} failed: {:?}", status.error);
                 }
-                (status.state() == state).then_some(pipe)
+                states.contains(&status.state()).then_some(pipe)
             })
             .await;
             match reached {
                 Some(pipe) => pipe,
                 None => {
                     let last = self.status(&name).await;
-                    panic!("{caller}: pipe {name} never reached {state:?}; last: {last:?}")
+                    panic!("{caller}: pipe {name} never reached {states:?}; last: {last:?}")
                 }
             }
         }
@@ -268,8 +313,17 @@ impl Stack {
 
     /// Kills the CDC worker with SIGKILL and starts another one, `id`.
     pub fn replace_cdc(&mut self, id: &str) {
-        self.cdc.process().kill9();
-        self.cdc = self.ferry.worker(WorkerKind::Cdc, id).unwrap();
+        if let Some(cdc) = self.cdc.as_mut() {
+            cdc.process().kill9();
+        }
+        self.cdc = Some(self.ferry.worker(WorkerKind::Cdc, id).unwrap());
+    }
+
+    /// Starts one more worker of `kind`, `id`, and waits until it serves.
+    pub async fn worker(&self, kind: WorkerKind, id: &str) -> Service {
+        let worker = self.ferry.worker(kind, id).unwrap();
+        worker.wait_serving(WITHIN).await.unwrap();
+        worker
     }
 
     /// What went wrong, for a panic message: the pipe's status and the services' last
