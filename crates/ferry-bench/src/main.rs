@@ -377,34 +377,5 @@ pub(crate) fn pipe_spec(
     tables: &[&str],
     mode: PipeMode,
 ) -> PipeSpec {
-    PipeSpec {
-        name: name.into(),
-        source: Some(PostgresSource {
-            host: "127.0.0.1".into(),
-            port: u32::from(pg.port()),
-            database: "postgres".into(),
-            user: "postgres".into(),
-            ..Default::default()
-        }),
-        destination: Some(ClickHouseDestination {
-            url: ch.url(),
-            database: name.into(),
-            ..Default::default()
-        }),
-        tables: tables
-            .iter()
-            .map(|t| TableMapping {
-                source_table: (*t).into(),
-                ..Default::default()
-            })
-            .collect(),
-        mode: mode.into(),
-        settings: Some(PipeSettings {
-            sync_interval: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            ..Default::default()
-        }),
-    }
+    ferry_testkit::spec::pipe(pg, ch, name, name, tables, mode)
 }

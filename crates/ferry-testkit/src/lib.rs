@@ -10,6 +10,7 @@ pub mod etcd;
 pub mod ferry;
 pub mod postgres;
 mod process;
+pub mod spec;
 pub mod wait;
 
 pub use process::{ChildProcess, KitError, free_port, repo_root};

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clickhouse::Client;
 use ferry_proto::v1::pipe_service_client::PipeServiceClient;
 use ferry_proto::v1::{
-    ClickHouseDestination, CreatePipeRequest, GetPipeRequest, Pipe, PipeMode, PipeSecrets,
-    PipeSettings, PipeSpec, PipeState, PipeStatus, PostgresSource, TableMapping, WorkerKind,
+    CreatePipeRequest, GetPipeRequest, Pipe, PipeMode, PipeSecrets, PipeSpec, PipeState,
+    PipeStatus, WorkerKind,
 };
 use ferry_testkit::clickhouse::ClickHouse;
 use ferry_testkit::etcd::Etcd;
@@ -104,40 +104,7 @@ impl Stack {
         tables: &[&str],
         mode: PipeMode,
     ) -> PipeSpec {
-        PipeSpec {
-            name: name.into(),
-            source: Some(PostgresSource {
-                host: "127.0.0.1".into(),
-                port: u32::from(self.pg.port()),
-                database: "postgres".into(),
-                user: "postgres".into(),
-                ..Default::default()
-            }),
-            destination: Some(ClickHouseDestination {
-                url: self.ch.url(),
-                database: database.into(),
-                ..Default::default()
-            }),
-            tables: tables
-                .iter()
-                .map(|t| {
-                    let (schema, table) = t.split_once('.').unwrap_or(("", t));
-                    TableMapping {
-                        source_schema: schema.into(),
-                        source_table: table.into(),
-                        ..Default::default()
-                    }
-                })
-                .collect(),
-            mode: mode.into(),
-            settings: Some(PipeSettings {
-                sync_interval: Some(prost_types::Duration {
-                    seconds: 1,
-                    nanos: 0,
-                }),
-                ..Default::default()
-            }),
-        }
+        ferry_testkit::spec::pipe(&self.pg, &self.ch, name, database, tables, mode)
     }
 
     /// Creates the pipe of `spec` and waits until it streams (or completes).
