@@ -4,8 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::stack::wait_states;
 use ferry_proto::v1::pipe_service_client::PipeServiceClient;
 use ferry_proto::v1::*;
 use ferry_store::{Store, election};
@@ -22,6 +25,9 @@ const TTL: u64 = 3;
 type Mutation = Box<dyn Fn(&mut PipeSpec)>;
 const READY: Duration = Duration::from_secs(20);
 
+/// A valid spec whose source and destination no server answers: these scenarios run Ferry's
+/// services on etcd alone, so `ferry_testkit::spec::pipe` (which takes started servers) does
+/// not fit, and Setup fails such a pipe on purpose.
 fn spec(name: &str) -> PipeSpec {
     PipeSpec {
         name: name.into(),
@@ -63,27 +69,10 @@ async fn state_of(client: &mut PipeServiceClient<Channel>, name: &str) -> Option
     Some(pipe.status?.state())
 }
 
-async fn wait_state(client: &mut PipeServiceClient<Channel>, name: &str, want: PipeState) {
-    let reached = wait::until(READY, || {
-        let mut client = client.clone();
-        async move { (state_of(&mut client, name).await == Some(want)).then_some(()) }
-    })
-    .await;
-    assert!(reached.is_some(), "pipe {name} did not reach {want:?}");
-}
-
 /// Waits until the leader moved the pipe out of Provisioning into Setup (these pipes point at
 /// no real source, so Setup goes on to fail them; either way the leader acted).
-async fn wait_past_provisioning(client: &mut PipeServiceClient<Channel>, name: &str) {
-    let moved = wait::until(READY, || {
-        let mut client = client.clone();
-        async move {
-            let state = state_of(&mut client, name).await?;
-            matches!(state, PipeState::Setup | PipeState::Failed).then_some(())
-        }
-    })
-    .await;
-    assert!(moved.is_some(), "pipe {name} never left provisioning");
+async fn wait_past_provisioning(client: &PipeServiceClient<Channel>, name: &str) {
+    wait_states(client, name, &[PipeState::Setup, PipeState::Failed], READY).await;
 }
 
 async fn all_values(store: &Store) -> Vec<(String, Vec<u8>)> {
@@ -281,7 +270,7 @@ async fn one_coordinator_leads_and_a_follower_takes_over_when_it_is_killed() {
     );
 
     // And it acts: a new pipe is accepted and provisioned once workers exist.
-    let mut client = b.pipe_client().await.unwrap();
+    let client = b.pipe_client().await.unwrap();
     let created = wait::until(READY, || {
         let mut client = client.clone();
         async move {
@@ -295,8 +284,8 @@ async fn one_coordinator_leads_and_a_follower_takes_over_when_it_is_killed() {
     assert!(created.is_some());
     let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
     let _snap = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    wait_past_provisioning(&mut client, "after_failover").await;
-    wait_past_provisioning(&mut client, "via_follower").await;
+    wait_past_provisioning(&client, "after_failover").await;
+    wait_past_provisioning(&client, "via_follower").await;
 }
 
 #[tokio::test]
@@ -678,7 +667,7 @@ async fn a_three_member_etcd_losing_one_member_keeps_ferry_working() {
     let _cdc = ferry.worker(WorkerKind::Cdc, "d1").unwrap();
     let mut client = coordinator.pipe_client().await.unwrap();
     client.create_pipe(create(spec("before"))).await.unwrap();
-    wait_state(&mut client, "before", PipeState::Provisioning).await;
+    wait_states(&client, "before", &[PipeState::Provisioning], READY).await;
 
     // Any one member may die: the quorum of two carries on, and so do leases and leadership.
     etcd.kill_member(0);
@@ -692,8 +681,8 @@ async fn a_three_member_etcd_losing_one_member_keeps_ferry_working() {
         "no write succeeded with two of three members"
     );
     let _snapshot = ferry.worker(WorkerKind::Snapshot, "s1").unwrap();
-    wait_past_provisioning(&mut client, "before").await;
-    wait_past_provisioning(&mut client, "after").await;
+    wait_past_provisioning(&client, "before").await;
+    wait_past_provisioning(&client, "after").await;
     // The Setup transitions above were fenced leader writes: c1 kept leading throughout.
     let store = ferry.store().await.unwrap();
     let leader = election::current_leader(&store).await.unwrap().unwrap();

@@ -28,6 +28,8 @@ fn me(id: &str) -> CoordinatorLeader {
     }
 }
 
+/// A spec the store keeps as it is (it validates nothing); these tests start etcd alone, so
+/// `ferry_testkit::spec::pipe`, which takes started servers, does not fit.
 fn spec(name: &str) -> PipeSpec {
     PipeSpec {
         name: name.into(),

@@ -35,6 +35,52 @@ impl Default for Workers {
     }
 }
 
+/// `Stack::wait_states` through any coordinator's `client`, for scenarios that start only etcd
+/// and Ferry's services: waits until pipe `name` is in one of `states`; panics (at the
+/// caller's line) if it fails instead (unless `states` holds `Failed`) or `within` passes.
+#[track_caller]
+pub fn wait_states(
+    client: &PipeServiceClient<Channel>,
+    name: &str,
+    states: &[PipeState],
+    within: Duration,
+) -> impl std::future::Future<Output = Pipe> + use<> {
+    let caller = std::panic::Location::caller();
+    let client = client.clone();
+    let name = name.to_owned();
+    let states = states.to_vec();
+    async move {
+        let pipe_of = || {
+            let mut client = client.clone();
+            let name = name.clone();
+            async move {
+                client
+                    .get_pipe(GetPipeRequest { name })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .pipe
+            }
+        };
+        let reached = wait::until(within, || async {
+            let pipe = pipe_of().await?;
+            let status = pipe.status.clone()?;
+            if status.state() == PipeState::Failed && !states.contains(&PipeState::Failed) {
+                panic!("{caller}: pipe {name} failed: {:?}", status.error);
+            }
+            states.contains(&status.state()).then_some(pipe)
+        })
+        .await;
+        match reached {
+            Some(pipe) => pipe,
+            None => {
+                let last = pipe_of().await.and_then(|pipe| pipe.status);
+                panic!("{caller}: pipe {name} never reached {states:?}; last: {last:?}")
+            }
+        }
+    }
+}
+
 /// Real servers plus one coordinator and (by default) one snapshot worker and one CDC worker.
 pub struct Stack {
     pub pg: Postgres,
@@ -175,27 +221,7 @@ impl Stack {
         states: &[PipeState],
         within: Duration,
     ) -> impl std::future::Future<Output = Pipe> + use<'a> {
-        let caller = std::panic::Location::caller();
-        let name = name.to_owned();
-        let states = states.to_vec();
-        async move {
-            let reached = wait::until(within, || async {
-                let pipe = self.pipe(&name).await?;
-                let status = pipe.status.clone()?;
-                if status.state() == PipeState::Failed && !states.contains(&PipeState::Failed) {
-                    panic!("{caller}: pipe {name} failed: {:?}", status.error);
-                }
-                states.contains(&status.state()).then_some(pipe)
-            })
-            .await;
-            match reached {
-                Some(pipe) => pipe,
-                None => {
-                    let last = self.status(&name).await;
-                    panic!("{caller}: pipe {name} never reached {states:?}; last: {last:?}")
-                }
-            }
-        }
+        wait_states(&self.client, name, states, within)
     }
 
     /// Rows of a Postgres query, every column selected as text, sorted.
