@@ -120,6 +120,25 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
     // copied under an older snapshot cannot be taken back one by one (a row deleted in
     // between, a keyless row's copies), so the destination table is emptied first. Snapshots
     // are told apart by their visibility, not their id (an id can repeat after a restart).
+    // Emptying takes two steps, each level-triggered: every partition of the table is reset
+    // and held (a copy finishing meanwhile fails its revision check and is redone), then, once
+    // no copy of the table is in flight, the table is emptied and the hold lifted.
+    let held: BTreeSet<&str> = plan
+        .iter()
+        .filter(|p| p.held)
+        .map(|p| p.source_table.as_str())
+        .collect();
+    if !held.is_empty() {
+        for table in held {
+            let parts: Vec<_> = planned
+                .iter()
+                .filter(|p| p.partition.source_table == table)
+                .cloned()
+                .collect();
+            empty_and_release(ctx, record, table, &parts).await?;
+        }
+        return Ok(());
+    }
     if let Some(current) = ctx.store.exported_snapshot(name).await? {
         let mut reread = Vec::new();
         let tables: BTreeSet<&str> = plan.iter().map(|p| p.source_table.as_str()).collect();
@@ -157,9 +176,14 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
                     })
                     .collect();
                 warn!(pipe = %name, partitions = stale.len(), "partitions read under an older snapshot; reading them again over a destination that may hold other rows");
-                ctx.store.reset_partitions(&ctx.fence, &stale).await?;
+                ctx.store
+                    .reset_partitions(&ctx.fence, &stale, false)
+                    .await?;
             } else {
-                restart_tables(ctx, record, reread).await?;
+                for (table, parts) in reread {
+                    warn!(pipe = %name, table = %table, "table read under more than one snapshot; emptying it to read it again from scratch");
+                    ctx.store.reset_partitions(&ctx.fence, &parts, true).await?;
+                }
             }
             return Ok(());
         }
@@ -196,23 +220,40 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
     Ok(())
 }
 
-/// Empties the destination of tables read under more than one snapshot and plans them again
-/// from scratch, for each table once no partition of it is being copied (a copy in flight
-/// would land its old rows after the truncation). Before the snapshot ends the destination
+/// Empties the destination table of a held `table` once no partition of it is being copied
+/// (a copy in flight would land its rows after the emptying), then lifts the hold so the
+/// table is read again under the current snapshot. Before the snapshot ends the destination
 /// holds nothing but snapshot rows, so emptying it loses nothing.
-async fn restart_tables(
+async fn empty_and_release(
     ctx: &SetupContext,
     record: &PipeRecord,
-    tables: Vec<(String, Vec<PlannedPartition>)>,
+    table: &str,
+    parts: &[PlannedPartition],
 ) -> Result<(), StoreError> {
     let name = &record.spec.name;
     let claims = ctx.store.snapshot_claims(name).await?;
     let owners = ctx.store.keys().snapshot_owners(name);
+    let busy = claims.iter().any(|(key, ..)| {
+        key.strip_prefix(owners.as_str())
+            .and_then(|rest| rest.rsplit_once('/'))
+            .is_some_and(|(t, _)| t == table)
+    });
+    if busy {
+        return Ok(());
+    }
+    let Some(mapping) = record
+        .spec
+        .tables
+        .iter()
+        .find(|m| source_table_name(m) == table)
+    else {
+        return Ok(());
+    };
     let secrets = match setup::open_secrets(&ctx.store, &ctx.key, name).await {
         Ok(secrets) => secrets,
         Err(SetupProblem::Store(error)) => return Err(error),
         Err(problem) => {
-            warn!(pipe = %name, error = %error_chain(&problem), "cannot restart tables read under two snapshots");
+            warn!(pipe = %name, error = %error_chain(&problem), "cannot empty a table read under two snapshots");
             return Ok(());
         }
     };
@@ -220,29 +261,11 @@ async fn restart_tables(
         &record.spec.destination.clone().unwrap_or_default(),
         &secrets.destination_password,
     );
-    for (table, parts) in tables {
-        let busy = claims.iter().any(|(key, ..)| {
-            key.strip_prefix(owners.as_str())
-                .and_then(|rest| rest.rsplit_once('/'))
-                .is_some_and(|(t, _)| t == table)
-        });
-        if busy {
-            continue;
-        }
-        let Some(mapping) = record
-            .spec
-            .tables
-            .iter()
-            .find(|m| source_table_name(m) == table)
-        else {
-            continue;
-        };
-        if let Err(error) = sink.truncate(&mapping.destination_table).await {
-            warn!(pipe = %name, table = %table, error = %error_chain(&error), "cannot empty a table to read it again");
-            continue;
-        }
-        warn!(pipe = %name, table = %table, "table read under more than one snapshot; reading it again from scratch");
-        ctx.store.reset_partitions(&ctx.fence, &parts).await?;
+    if let Err(error) = sink.truncate(&mapping.destination_table).await {
+        warn!(pipe = %name, table = %table, error = %error_chain(&error), "cannot empty a table to read it again");
+        return Ok(());
     }
+    info!(pipe = %name, table = %table, "table emptied; reading it again under the current snapshot");
+    ctx.store.reset_partitions(&ctx.fence, parts, false).await?;
     Ok(())
 }

@@ -137,7 +137,7 @@ async fn schedule(
                 ctx.store
                     .keys()
                     .snapshot_owner(name, &partition.source_table, partition.index);
-            if partition.done || claimed.contains(&owner.as_str()) {
+            if partition.done || partition.held || claimed.contains(&owner.as_str()) {
                 continue;
             }
             let table_active = active.get(&partition.source_table).copied().unwrap_or(0);

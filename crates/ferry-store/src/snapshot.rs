@@ -183,14 +183,18 @@ impl Store {
     }
 
     /// Marks partitions not done again (to be read under the current exported snapshot),
-    /// each only if unchanged since it was read.
+    /// each only if unchanged since it was read; `held` keeps workers from claiming them.
+    /// Returns whether every partition was changed (a copy finishing meanwhile changes one).
     pub async fn reset_partitions(
         &self,
         fence: &Fence,
         partitions: &[PlannedPartition],
-    ) -> Result<(), StoreError> {
+        held: bool,
+    ) -> Result<bool, StoreError> {
+        let mut all = true;
         for planned in partitions {
             let mut partition = planned.partition.clone();
+            partition.held = held;
             partition.done = false;
             partition.rows_copied = 0;
             partition.altered.clear();
@@ -206,9 +210,9 @@ impl Store {
                     partition.encode_to_vec(),
                     None,
                 )]);
-            self.run_txn(txn, false).await?;
+            all &= self.run_txn(txn, false).await?.succeeded();
         }
-        Ok(())
+        Ok(all)
     }
 
     /// The live claims on a pipe's partitions: owner key, holder, and the holder's lease.
