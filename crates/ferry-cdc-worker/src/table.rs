@@ -6,6 +6,8 @@
 //! commit-ordered versions; no value is ever written as a zero stand-in; updates that left a
 //! TOASTed value out wait for `toast` to fill it in.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+
 use bytes::Bytes;
 use ferry_clickhouse::ddl;
 use ferry_clickhouse::lookup::key_comparable;
@@ -227,8 +229,8 @@ impl TableBatch {
     ) -> Result<(), StreamError> {
         let values = self.mapped(new);
         self.admit_nulls(&values, ctx).await?;
-        if let Some(key) = self.key_text(&values) {
-            self.toast.note(&key);
+        if let Some(key) = self.key_hash(&values) {
+            self.toast.note(key);
         }
         self.encode(
             values.iter().map(|v| text(*v)).collect(),
@@ -272,28 +274,27 @@ impl TableBatch {
             Some(OldTuple::Full(_)) => old_full.clone().filter(|row| self.key_changed(row, &new)),
             None => None,
         };
-        let old_key_text = old_key.as_deref().and_then(|k| self.key_text(k));
-        let new_key_text = self.key_text(&new);
+        let keys = [
+            old_key.as_deref().and_then(|k| self.key_hash(k)),
+            self.key_hash(&new),
+        ];
         let needs_backfill = old_full.is_none() && new.contains(&Value::Unchanged);
-        if needs_backfill {
-            // A deferred row must see every earlier change of its key in ClickHouse.
-            let seen = [&old_key_text, &new_key_text]
-                .into_iter()
-                .flatten()
-                .any(|k| self.toast.holds(k));
-            if seen {
-                self.write(ctx).await?;
-            }
+        // A deferred row must see every earlier change of its key in ClickHouse.
+        if needs_backfill && keys.iter().flatten().any(|k| self.toast.holds(*k)) {
+            self.write(ctx).await?;
         }
         if let Some(key) = &old_key {
             let marker = key.iter().map(|v| text(*v)).collect();
             self.encode(marker, position.next(), true)?;
         }
-        for key in [&old_key_text, &new_key_text].into_iter().flatten() {
+        for key in keys.into_iter().flatten() {
             self.toast.note(key);
         }
         let version = position.next();
         if needs_backfill {
+            // Key texts only for the rows that need them: a lookup by key.
+            let old_key_text = old_key.as_deref().and_then(|k| self.key_text(k));
+            let new_key_text = self.key_text(&new);
             return self.defer(&new, old_key_text, new_key_text, version);
         }
         let values = self.resolve(&new, old_full.as_deref())?;
@@ -350,8 +351,8 @@ impl TableBatch {
     ) -> Result<(), StreamError> {
         let (OldTuple::Key(row) | OldTuple::Full(row)) = old;
         let values = self.mapped(&row);
-        if let Some(key) = self.key_text(&values) {
-            self.toast.note(&key);
+        if let Some(key) = self.key_hash(&values) {
+            self.toast.note(key);
         }
         self.encode(
             values.iter().map(|v| text(*v)).collect(),
@@ -449,6 +450,26 @@ impl TableBatch {
             .zip(old.iter().zip(new))
             .filter(|((i, _), _)| self.schema.columns[*i].key_position > 0)
             .any(|(_, (a, b))| *b != Value::Unchanged && a != b)
+    }
+
+    /// A hash of the row key, without allocating (every insert, update and delete of a keyed
+    /// table computes it): what the batch remembers of the keys it holds.
+    fn key_hash(&self, values: &[Value<'_>]) -> Option<u64> {
+        if self.keyless {
+            return None;
+        }
+        let mut hasher = DefaultHasher::new();
+        for ((i, _), value) in self.written.iter().zip(values) {
+            let position = self.schema.columns[*i].key_position;
+            if position == 0 {
+                continue;
+            }
+            match value {
+                Value::Text(bytes) | Value::Binary(bytes) => (position, *bytes).hash(&mut hasher),
+                _ => return None,
+            }
+        }
+        Some(hasher.finish())
     }
 
     /// The row key as the text of each key column in key order, if every key value is there.

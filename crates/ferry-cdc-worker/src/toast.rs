@@ -14,7 +14,6 @@
 //! first. Keys are remembered by hash: a collision only costs an extra write.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{DefaultHasher, Hash, Hasher};
 
 use ferry_clickhouse::lookup::{MAX_KEY_BYTES, MAX_KEYS, key_literal};
 use ferry_clickhouse::sink::Sink;
@@ -59,13 +58,13 @@ pub(crate) struct Lookup<'a> {
 
 impl Backfill {
     /// Whether the batch holds a row of `key`.
-    pub(crate) fn holds(&self, key: &KeyText) -> bool {
-        self.keys.contains(&hash(key))
+    pub(crate) fn holds(&self, key: u64) -> bool {
+        self.keys.contains(&key)
     }
 
     /// Remembers that the batch holds a row of `key`.
-    pub(crate) fn note(&mut self, key: &KeyText) {
-        self.keys.insert(hash(key));
+    pub(crate) fn note(&mut self, key: u64) {
+        self.keys.insert(key);
     }
 
     /// Forgets the batch (it was written).
@@ -157,12 +156,6 @@ pub(crate) struct Resolved {
     pub(crate) source_lookups: u64,
     /// Rows gone at the source (a later delete removes them).
     pub(crate) dropped: u64,
-}
-
-fn hash(key: &KeyText) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    key.hash(&mut hasher);
-    hasher.finish()
 }
 
 /// The end of the next chunk of `pending` that one lookup query can serve.
