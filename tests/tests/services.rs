@@ -599,6 +599,7 @@ async fn a_pipe_reaches_setup_and_a_coordinator_crash_loses_nothing() {
     client
         .delete_pipe(DeletePipeRequest {
             name: "orders".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -175,6 +175,7 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
             .clone()
             .delete_pipe(DeletePipeRequest {
                 name: case.name.into(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -231,6 +232,7 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
         .clone()
         .delete_pipe(DeletePipeRequest {
             name: "occupied".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -268,7 +270,7 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
     stack
         .client
         .clone()
-        .delete_pipe(DeletePipeRequest { name: "fit".into() })
+        .delete_pipe(DeletePipeRequest { name: "fit".into(), ..Default::default() })
         .await
         .unwrap();
     let gone = wait::until(WITHIN, || {

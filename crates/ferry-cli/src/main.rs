@@ -381,7 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             render::pipe(r.get_ref().pipe.as_ref());
         }
         Command::Resync { name } => {
-            let r = client.resync_pipe(ResyncPipeRequest { name }).await?;
+            let r = client.resync_pipe(ResyncPipeRequest { name, ..Default::default() }).await?;
             render::pipe(r.get_ref().pipe.as_ref());
         }
         Command::AddTables { name, tables } => {
@@ -395,6 +395,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .remove_tables(RemoveTablesRequest {
                     name,
                     source_tables,
+                    ..Default::default()
                 })
                 .await?;
             render::pipe(r.get_ref().pipe.as_ref());
@@ -419,7 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Delete { name } => {
-            let r = client.delete_pipe(DeletePipeRequest { name }).await?;
+            let r = client.delete_pipe(DeletePipeRequest { name, ..Default::default() }).await?;
             render::pipe(r.get_ref().pipe.as_ref());
         }
     }

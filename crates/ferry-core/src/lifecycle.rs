@@ -22,8 +22,12 @@ pub enum PipeEvent {
     PauseRequested,
     /// The CDC worker flushed and checkpointed its in-flight batch and stopped.
     PauseDone,
-    /// `ResumePipe` was called.
-    ResumeRequested,
+    /// `ResumePipe` was called; `to_snapshot` when the pipe was paused during its snapshot
+    /// (`PipeStatus.paused_from`), which it then continues.
+    ResumeRequested {
+        /// Continue the snapshot rather than the stream.
+        to_snapshot: bool,
+    },
     /// `AddTables` or `RemoveTables` was called.
     ModifyRequested,
     /// The publication change is done; `needs_snapshot` when tables were added and must be copied.
@@ -84,8 +88,11 @@ pub fn next_state(
         (S::Snapshot, E::SnapshotDone) if streams(mode) => S::Running,
         (S::Snapshot, E::SnapshotDone) => S::Completed,
         (S::Running, E::PauseRequested) if streams(mode) => S::Pausing,
+        // Snapshot workers stop after their partition; resume continues from the done-marks.
+        (S::Snapshot, E::PauseRequested) => S::Pausing,
         (S::Pausing, E::PauseDone) => S::Paused,
-        (S::Paused, E::ResumeRequested) => S::Running,
+        (S::Paused, E::ResumeRequested { to_snapshot: true }) => S::Snapshot,
+        (S::Paused, E::ResumeRequested { to_snapshot: false }) if streams(mode) => S::Running,
         (S::Running | S::Paused, E::ModifyRequested) if streams(mode) => S::Modifying,
         (
             S::Modifying,
@@ -121,6 +128,12 @@ pub fn apply(
     let mut updated = status.clone();
     updated.previous_state = status.state;
     updated.set_state(next);
+    // Remember what a pause interrupted, so resume returns there.
+    match next {
+        PipeState::Pausing => updated.set_paused_from(status.state()),
+        PipeState::Paused => {}
+        _ => updated.paused_from = PipeState::Unspecified as i32,
+    }
     updated.reason = reason.into();
     updated.error = if next == PipeState::Failed {
         error
@@ -168,7 +181,7 @@ fn event_verb(event: PipeEvent) -> &'static str {
         PipeEvent::SnapshotDone => "finish the snapshot of",
         PipeEvent::PauseRequested => "pause",
         PipeEvent::PauseDone => "finish pausing",
-        PipeEvent::ResumeRequested => "resume",
+        PipeEvent::ResumeRequested { .. } => "resume",
         PipeEvent::ModifyRequested => "change the tables of",
         PipeEvent::ModifyDone { .. } => "finish changing the tables of",
         PipeEvent::ResyncRequested => "resync",
@@ -198,13 +211,14 @@ mod tests {
         S::Failed,
         S::Deleting,
     ];
-    const EVENTS: [PipeEvent; 13] = [
+    const EVENTS: [PipeEvent; 14] = [
         E::WorkersReady,
         E::SetupDone,
         E::SnapshotDone,
         E::PauseRequested,
         E::PauseDone,
-        E::ResumeRequested,
+        E::ResumeRequested { to_snapshot: false },
+        E::ResumeRequested { to_snapshot: true },
         E::ModifyRequested,
         E::ModifyDone {
             needs_snapshot: true,
@@ -246,7 +260,13 @@ mod tests {
                 S::Completed,
             ),
             (None, S::Pausing, E::PauseDone, S::Paused),
-            (None, S::Paused, E::ResumeRequested, S::Running),
+            (None, S::Snapshot, E::PauseRequested, S::Pausing),
+            (
+                None,
+                S::Paused,
+                E::ResumeRequested { to_snapshot: true },
+                S::Snapshot,
+            ),
             (
                 None,
                 S::Modifying,
@@ -279,6 +299,12 @@ mod tests {
         ];
         for mode in [M::SnapshotAndCdc, M::CdcOnly] {
             table.push((Some(mode), S::Running, E::PauseRequested, S::Pausing));
+            table.push((
+                Some(mode),
+                S::Paused,
+                E::ResumeRequested { to_snapshot: false },
+                S::Running,
+            ));
             table.push((Some(mode), S::Running, E::ModifyRequested, S::Modifying));
             table.push((Some(mode), S::Paused, E::ModifyRequested, S::Modifying));
         }
@@ -377,5 +403,28 @@ mod tests {
         .unwrap();
         assert_eq!(deleting.error, None);
         assert!(apply(&deleting, PipeMode::CdcOnly, E::WorkersReady, "", None, t1).is_err());
+    }
+
+    #[test]
+    fn a_pause_remembers_the_state_it_interrupted_until_resumed() {
+        let t = SystemTime::UNIX_EPOCH;
+        let mode = PipeMode::SnapshotAndCdc;
+        let mut status = initial_status(t);
+        status.set_state(S::Snapshot);
+        let pausing = apply(&status, mode, E::PauseRequested, "", None, t).unwrap();
+        assert_eq!(pausing.paused_from(), S::Snapshot);
+        let paused = apply(&pausing, mode, E::PauseDone, "", None, t).unwrap();
+        assert_eq!(paused.paused_from(), S::Snapshot);
+        let resumed = apply(
+            &paused,
+            mode,
+            E::ResumeRequested { to_snapshot: true },
+            "",
+            None,
+            t,
+        )
+        .unwrap();
+        assert_eq!(resumed.state(), S::Snapshot);
+        assert_eq!(resumed.paused_from(), S::Unspecified);
     }
 }

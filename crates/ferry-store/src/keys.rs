@@ -91,6 +91,16 @@ impl Keys {
         format!("{}stream_error", self.pipe(pipe))
     }
 
+    /// `pipes/<pipe>/stream_hold`: what the stream acknowledges to a reload (StreamHold).
+    pub fn stream_hold(&self, pipe: &str) -> String {
+        format!("{}stream_hold", self.pipe(pipe))
+    }
+
+    /// `pipes/<pipe>/snapshot/<schema.table>/`: the partitions of one table.
+    pub fn table_partitions(&self, pipe: &str, table: &str) -> String {
+        format!("{}{table}/", self.snapshot_partitions(pipe))
+    }
+
     /// `pipes/<pipe>/exported_snapshot`: the snapshot partitions import.
     pub fn exported_snapshot(&self, pipe: &str) -> String {
         format!("{}exported_snapshot", self.pipe(pipe))

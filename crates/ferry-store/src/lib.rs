@@ -13,6 +13,7 @@ pub mod election;
 mod error;
 pub mod keys;
 pub mod pipes;
+pub mod reload;
 pub mod session;
 pub mod snapshot;
 pub mod watch;

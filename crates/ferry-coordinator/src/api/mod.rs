@@ -288,9 +288,9 @@ impl PipeService for PipeApi {
             .apply_event(
                 &fence,
                 &name,
-                PipeEvent::PauseRequested,
+                |_| PipeEvent::PauseRequested,
                 "PausePipe requested",
-                PipeState::Paused,
+                &[PipeState::Paused],
             )
             .await?;
         Ok(Response::new(PausePipeResponse {
@@ -309,9 +309,11 @@ impl PipeService for PipeApi {
             .apply_event(
                 &fence,
                 &name,
-                PipeEvent::ResumeRequested,
+                |record| PipeEvent::ResumeRequested {
+                    to_snapshot: record.status.paused_from() == PipeState::Snapshot,
+                },
                 "ResumePipe requested",
-                PipeState::Running,
+                &[PipeState::Running],
             )
             .await?;
         Ok(Response::new(ResumePipeResponse {
@@ -346,6 +348,7 @@ impl PipeService for PipeApi {
         let RemoveTablesRequest {
             name,
             source_tables,
+            ..
         } = request.into_inner();
         let record = self.existing(&name).await?;
         if source_tables.is_empty() {
@@ -397,13 +400,14 @@ impl PipeService for PipeApi {
             .apply_event(
                 &fence,
                 &name,
-                PipeEvent::DeleteRequested,
+                |_| PipeEvent::DeleteRequested,
                 "DeletePipe requested",
-                PipeState::Deleting,
+                &[PipeState::Deleting],
             )
             .await?;
         Ok(Response::new(DeletePipeResponse {
             pipe: Some(to_proto(&record)),
+            ..Default::default()
         }))
     }
 }
@@ -416,19 +420,19 @@ impl PipeApi {
         &self,
         fence: &ferry_store::Fence,
         name: &str,
-        event: PipeEvent,
+        event: impl Fn(&PipeRecord) -> PipeEvent,
         reason: &str,
-        settled: PipeState,
+        settled: &[PipeState],
     ) -> Result<PipeRecord, Status> {
         for _ in 0..CAS_ATTEMPTS {
             let mut record = self.existing(name).await?;
-            if record.status.state() == settled {
+            if settled.contains(&record.status.state()) {
                 return Ok(record);
             }
             let status = lifecycle::apply(
                 &record.status,
                 record.spec.mode(),
-                event,
+                event(&record),
                 reason,
                 None,
                 SystemTime::now(),
