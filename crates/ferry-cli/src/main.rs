@@ -188,6 +188,9 @@ struct SettingsArgs {
     /// Use destination tables that already hold rows.
     #[arg(long)]
     allow_non_empty_destination: Option<bool>,
+    /// WAL (bytes) the replication slot may retain before the pipe shows a warning.
+    #[arg(long)]
+    slot_wal_warning_bytes: Option<i64>,
 }
 
 impl SettingsArgs {
@@ -201,6 +204,7 @@ impl SettingsArgs {
             snapshot_parallel_partitions: self.parallel_partitions,
             snapshot_parallel_tables: self.parallel_tables,
             allow_non_empty_destination: self.allow_non_empty_destination,
+            slot_wal_warning_bytes: self.slot_wal_warning_bytes,
             // Chosen at creation only (CreateArgs).
             unconstrained_numeric: 0,
             out_of_range: 0,

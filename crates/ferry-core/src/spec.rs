@@ -26,6 +26,8 @@ pub const DEFAULT_ROWS_PER_PARTITION: i64 = 100_000;
 pub const DEFAULT_PARALLEL_PARTITIONS: i64 = 4;
 /// Default tables copied at once (ClickPipes: 1).
 pub const DEFAULT_PARALLEL_TABLES: i64 = 1;
+/// WAL a slot may retain before the pipe warns (PeerDB alerts at 5000 MB of slot lag).
+pub const DEFAULT_SLOT_WAL_WARNING_BYTES: i64 = 5 << 30;
 
 const MAX_SYNC_INTERVAL_SECS: i64 = 24 * 3600;
 const MAX_PULL_BATCH_SIZE: i64 = 10_000_000;
@@ -169,6 +171,7 @@ fn defaults() -> PipeSettings {
         allow_non_empty_destination: Some(false),
         unconstrained_numeric: UnconstrainedNumeric::Decimal7638.into(),
         out_of_range: OutOfRange::Fail.into(),
+        slot_wal_warning_bytes: Some(DEFAULT_SLOT_WAL_WARNING_BYTES),
     }
 }
 
@@ -336,6 +339,12 @@ fn merge_settings(
         allow_non_empty_destination: update
             .allow_non_empty_destination
             .or(current.allow_non_empty_destination),
+        slot_wal_warning_bytes: bounded(
+            "slot_wal_warning_bytes",
+            update.slot_wal_warning_bytes,
+            current.slot_wal_warning_bytes,
+            i64::MAX,
+        ),
         // Fixed at creation (creation_settings, apply_settings_update).
         unconstrained_numeric: current.unconstrained_numeric,
         out_of_range: current.out_of_range,
