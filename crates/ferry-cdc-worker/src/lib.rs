@@ -4,6 +4,7 @@
 //! lease expires, and by then this one has stopped).
 
 mod evolve;
+mod reload;
 pub mod stream;
 mod table;
 mod toast;
@@ -15,7 +16,7 @@ use ferry_core::{PipeMode, PipeState};
 use ferry_proto::v1::PipeError;
 use ferry_server::telemetry::error_chain;
 use ferry_server::worker::WorkerContext;
-use ferry_store::StoreError;
+use ferry_store::{PipeRecord, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{Instrument as _, info, info_span, warn};
@@ -26,11 +27,35 @@ const POLL: Duration = Duration::from_millis(500);
 const RETRY: Duration = Duration::from_secs(2);
 
 /// A stream in progress: its task, the signal asking it to stop at a checkpoint, and the spec
-/// revision it runs with (a settings change restarts it).
+/// revision and reload step it runs with (a change of either restarts it).
 struct Stream {
     task: JoinHandle<()>,
     stop: watch::Sender<bool>,
     spec_revision: i64,
+    reload: Option<(u64, i32)>,
+}
+
+/// The reload step a stream of `record` runs with.
+fn reload_step(record: &PipeRecord) -> Option<(u64, i32)> {
+    record
+        .status
+        .reload
+        .as_ref()
+        .map(|r| (r.generation, r.phase))
+}
+
+/// Whether the pipe's changes are streamed in its current state: while running, and while
+/// tables are reloaded, added or removed (the other tables keep streaming).
+fn streams(record: &PipeRecord) -> bool {
+    if record.spec.mode() == PipeMode::SnapshotOnly {
+        return false;
+    }
+    match record.status.state() {
+        PipeState::Running | PipeState::Modifying | PipeState::Resync => true,
+        // Tables added to a running pipe are copied in Snapshot.
+        PipeState::Snapshot => record.status.reload.is_some(),
+        _ => false,
+    }
 }
 
 /// Runs until shutdown.
@@ -74,13 +99,7 @@ async fn schedule(
     running: &mut HashMap<String, Stream>,
 ) -> Result<(), StoreError> {
     let listing = ctx.store.list_pipes().await?;
-    let streaming: Vec<_> = listing
-        .pipes
-        .values()
-        .filter(|r| {
-            r.status.state() == PipeState::Running && r.spec.mode() != PipeMode::SnapshotOnly
-        })
-        .collect();
+    let streaming: Vec<_> = listing.pipes.values().filter(|r| streams(r)).collect();
     for (pipe, stream) in running.iter() {
         let current = streaming.iter().find(|r| &r.spec.name == pipe);
         let pausing = listing
@@ -89,7 +108,10 @@ async fn schedule(
             .is_some_and(|r| r.status.state() == PipeState::Pausing);
         match current {
             // Settings changed: stop at a checkpoint; the next poll starts it with the new ones.
-            Some(record) if record.spec_revision != stream.spec_revision => {
+            Some(record)
+                if record.spec_revision != stream.spec_revision
+                    || reload_step(record) != stream.reload =>
+            {
                 stream.stop.send_replace(true);
             }
             Some(_) => {}
@@ -163,6 +185,7 @@ async fn schedule(
                 task: tokio::spawn(task.instrument(span)),
                 stop,
                 spec_revision: record.spec_revision,
+                reload: reload_step(record),
             },
         );
     }

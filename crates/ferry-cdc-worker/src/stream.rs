@@ -24,7 +24,7 @@ use ferry_postgres::SourceError;
 use ferry_postgres::connection::{self, SESSION_OPTIONS};
 use ferry_postgres::pgoutput::{self, DecodeError, Message};
 use ferry_postgres::snapshot::Visibility;
-use ferry_proto::v1::{AlteredValues, Checkpoint, ReplicationStatus, SslMode};
+use ferry_proto::v1::{AlteredValues, Checkpoint, ReplicationStatus, SslMode, StreamHold};
 use ferry_server::membership::Member;
 use ferry_server::worker::WorkerContext;
 use ferry_store::cdc::CdcClaim;
@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::reload::{Reload, ReloadedTable};
 use crate::table::{Announced, Position, TableBatch, TableContext};
 
 /// Why a stream stopped.
@@ -217,18 +218,43 @@ pub async fn run(
     let options = MappingOptions::for_pipe(&spec.settings.unwrap_or_default(), limits.as_ref());
     let states: HashMap<String, _> = ctx.store.table_states(name).await?.into_iter().collect();
     let snapshots = copied_under(&ctx.store, name).await?;
+    let reload = Reload::of(record);
     let mut tables: HashMap<u32, TableBatch> = HashMap::new();
     for mapping in &spec.tables {
         let table = source_table_name(mapping);
+        let (destination, visibility, reload_from) = match reload.table(&table) {
+            // Left alone while the coordinator prepares or swaps it: its changes until the
+            // reload's boundary are in the copy, and the stream holds its checkpoint until
+            // it knows the boundary.
+            Some(ReloadedTable::Held) => continue,
+            Some(ReloadedTable::Copying {
+                start_lsn,
+                visibility,
+                shadow,
+            }) => {
+                let destination = if shadow {
+                    ferry_clickhouse::resync::shadow_name(&mapping.destination_table)
+                } else {
+                    mapping.destination_table.clone()
+                };
+                (destination, visibility, Some(start_lsn))
+            }
+            None => (
+                mapping.destination_table.clone(),
+                snapshots.get(&table).cloned(),
+                None,
+            ),
+        };
         if let Some(schema) = states.get(&table).and_then(|s| s.schema.clone()) {
             let mut batch = TableBatch::new(
                 table.clone(),
-                mapping.destination_table.clone(),
+                destination,
                 schema,
-                snapshots.get(&table).cloned(),
+                visibility,
                 &sink,
                 options,
             );
+            batch.reload_from = reload_from;
             // Counters continue where the last stream of this pipe left them.
             if let Some(previous) = record
                 .replication
@@ -285,6 +311,20 @@ pub async fn run(
     .with_start_lsn(Lsn::from_u64(start))
     .with_status_interval(interval.clamp(Duration::from_secs(1), Duration::from_secs(10)));
     let mut client = ReplicationClient::connect(config).await?;
+    // A reload waits for the stream to hold: acknowledge it once streaming from `start`.
+    let hold = reload.holding().then_some(start);
+    if let Some((generation, phase)) = reload.key().filter(|_| hold.is_some()) {
+        let ack = StreamHold {
+            generation,
+            phase: phase as i32,
+            lsn: start,
+            worker_id: ctx.worker_id.clone(),
+        };
+        if !ctx.store.put_stream_hold(claim, &ack).await? {
+            return Err(StreamError::ClaimLost);
+        }
+        info!(pipe = %name, generation, lsn = %pgoutput::Lsn(start), "holding the checkpoint for a reload");
+    }
     // A plain connection for heartbeats: on an idle database they give the stream a commit
     // to checkpoint, so the slot's confirmed position moves and WAL is not pinned.
     let heartbeats = connection::connect(&source, &secrets.source_password).await?;
@@ -315,7 +355,16 @@ pub async fn run(
             options,
         };
         if stopping && !in_transaction {
-            flush(ctx, &table_ctx, &mut tables, claim, &progress, &client).await?;
+            flush(
+                ctx,
+                &table_ctx,
+                &mut tables,
+                claim,
+                &progress,
+                &client,
+                hold,
+            )
+            .await?;
             client.stop();
             info!(pipe = %name, lsn = %pgoutput::Lsn(last_commit), "stream stopped at a checkpoint");
             return Ok(());
@@ -324,7 +373,7 @@ pub async fn run(
         let event = tokio::select! {
             event = client.recv() => event?,
             () = sleep_until(deadline), if deadline.is_some() && !in_transaction => {
-                flush(ctx, &table_ctx, &mut tables, claim, &progress, &client).await?;
+                flush(ctx, &table_ctx, &mut tables, claim, &progress, &client, hold).await?;
                 pending = 0;
                 first_change = None;
                 continue;
@@ -382,7 +431,16 @@ pub async fn run(
                 progress.commit_time_micros = commit_time_micros;
                 let due = first_change.is_some_and(|t| t.elapsed() >= interval);
                 if pending >= batch_limit || (pending > 0 && due) {
-                    flush(ctx, &table_ctx, &mut tables, claim, &progress, &client).await?;
+                    flush(
+                        ctx,
+                        &table_ctx,
+                        &mut tables,
+                        claim,
+                        &progress,
+                        &client,
+                        hold,
+                    )
+                    .await?;
                     pending = 0;
                     first_change = None;
                 } else if pending == 0 {
@@ -426,6 +484,12 @@ async fn apply(
                 columns: &columns,
             };
             match tables.get_mut(&oid) {
+                // Before a reload's boundary the table's columns may be older than the ones
+                // the reload recorded; its changes there are not written anyway.
+                Some(batch)
+                    if batch
+                        .reload_from
+                        .is_some_and(|from| position.commit_lsn < from) => {}
                 Some(batch) => batch.relation(&announced, ctx).await?,
                 None => {
                     // Tables are tracked by oid: another relation under the name of one of
@@ -438,15 +502,15 @@ async fn apply(
             }
             Ok(false)
         }
-        Message::Insert { relation, new } => match ours(tables, relation, xid) {
+        Message::Insert { relation, new } => match ours(tables, relation, xid, position) {
             Some(batch) => batch.insert(&new, position, ctx).await.map(|()| true),
             None => Ok(false),
         },
-        Message::Update { relation, old, new } => match ours(tables, relation, xid) {
+        Message::Update { relation, old, new } => match ours(tables, relation, xid, position) {
             Some(batch) => batch.update(old, &new, position, ctx).await.map(|()| true),
             None => Ok(false),
         },
-        Message::Delete { relation, old } => match ours(tables, relation, xid) {
+        Message::Delete { relation, old } => match ours(tables, relation, xid, position) {
             Some(batch) => batch.delete(old, position).map(|()| true),
             None => Ok(false),
         },
@@ -455,7 +519,7 @@ async fn apply(
             ..
         } => {
             for oid in truncated {
-                if let Some(batch) = ours(tables, oid, xid) {
+                if let Some(batch) = ours(tables, oid, xid, position) {
                     // Rows before the TRUNCATE go first; rows after it land after.
                     batch.truncate(ctx).await?;
                     debug!(table = %batch.source_table(), "truncated");
@@ -468,11 +532,16 @@ async fn apply(
 }
 
 /// The table of relation `oid` if the pipe replicates it and its copy does not already hold
-/// the changes of transaction `xid`.
-fn ours(tables: &mut HashMap<u32, TableBatch>, oid: u32, xid: u32) -> Option<&mut TableBatch> {
+/// the changes of transaction `xid` (at `position`).
+fn ours<'t>(
+    tables: &'t mut HashMap<u32, TableBatch>,
+    oid: u32,
+    xid: u32,
+    position: &Position,
+) -> Option<&'t mut TableBatch> {
     tables
         .get_mut(&oid)
-        .filter(|batch| !batch.already_copied(xid))
+        .filter(|batch| !batch.already_copied(xid, position.commit_lsn))
 }
 
 /// The snapshot each table was copied under (its partitions' visibility), for tables copied
@@ -533,10 +602,17 @@ async fn flush(
     claim: &CdcClaim,
     progress: &Progress<'_>,
     client: &ReplicationClient,
+    hold: Option<u64>,
 ) -> Result<(), StreamError> {
-    let lsn = progress.lsn;
     let rows = write_rows(table_ctx, tables).await?;
     let now = SystemTime::now();
+    // Holding for a reload: rows are written, but the checkpoint stays where the reload was
+    // told it is, so the stream restarts from there once the reload's boundary is known.
+    if let Some(held) = hold {
+        debug!(rows, held = %pgoutput::Lsn(held), "batch written; checkpoint held for a reload");
+        return Ok(());
+    }
+    let lsn = progress.lsn;
     let checkpoint = Checkpoint {
         lsn,
         written_at: Some(now.into()),

@@ -79,6 +79,9 @@ pub(crate) struct TableBatch {
     /// For a keyless table, the snapshot its rows were copied under: changes of transactions
     /// it already saw are not applied again (a multiset cannot absorb a repeat).
     pub(crate) snapshot: Option<Visibility>,
+    /// While the table is reloaded: changes committed before this LSN are in the reload's copy
+    /// and are not written (see docs/reload.md).
+    pub(crate) reload_from: Option<u64>,
     /// The stream's columns, as last announced.
     pub(crate) streamed: Vec<Streamed>,
     /// The destination columns inserts name, in destination order, each with its index among
@@ -110,6 +113,7 @@ impl TableBatch {
             name,
             keyless,
             snapshot: snapshot.filter(|_| keyless),
+            reload_from: None,
             streamed: Vec::new(),
             written: Vec::new(),
             statement: String::new(),
@@ -153,9 +157,12 @@ impl TableBatch {
         format!("{}.{}", self.schema.source_schema, self.schema.source_table)
     }
 
-    /// Whether the change of transaction `xid` is already in the table's snapshot copy.
-    pub(crate) fn already_copied(&self, xid: u32) -> bool {
-        self.snapshot.as_ref().is_some_and(|s| s.sees(xid))
+    /// Whether the change of transaction `xid`, committed at `commit_lsn`, is already in the
+    /// table's copy: committed before a reload's boundary, or (keyless tables, whose rows
+    /// cannot absorb a repeat) seen by the copy's snapshot.
+    pub(crate) fn already_copied(&self, xid: u32, commit_lsn: u64) -> bool {
+        self.reload_from.is_some_and(|from| commit_lsn < from)
+            || self.snapshot.as_ref().is_some_and(|s| s.sees(xid))
     }
 
     /// Rebuilds the written columns, transcoder and INSERT statement from `streamed`.

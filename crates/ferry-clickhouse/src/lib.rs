@@ -13,6 +13,7 @@ pub mod compare;
 pub mod ddl;
 mod decimal;
 pub mod lookup;
+pub mod resync;
 pub mod rowbinary;
 pub mod sink;
 pub mod state;

@@ -68,6 +68,12 @@ pub enum SinkError {
         /// The table's type ("missing" when absent).
         found: String,
     },
+    /// A resync's shadow table is gone before it was swapped in.
+    #[error("the resync shadow table {table} is missing")]
+    ShadowMissing {
+        /// database.table.
+        table: String,
+    },
 }
 
 impl SinkError {
@@ -80,6 +86,7 @@ impl SinkError {
             Self::Ddl(DdlError::ReservedColumn { .. }) => "rename the source column; Ferry adds columns named _ferry_*".into(),
             Self::Ddl(DdlError::NoColumns { .. }) => "add a column to the table or remove it from the pipe".into(),
             Self::Mismatch { .. } => "drop the existing table so Ferry creates it, or map the source table to another destination_table".into(),
+            Self::ShadowMissing { .. } => "resync the table again (ferry resync <pipe> --table <schema.table>)".into(),
         }
     }
 
@@ -155,7 +162,7 @@ impl Sink {
         }
     }
 
-    async fn execute(&self, what: &str, sql: &str) -> Result<(), SinkError> {
+    pub(crate) async fn execute(&self, what: &str, sql: &str) -> Result<(), SinkError> {
         self.client
             .query(sql)
             .execute()

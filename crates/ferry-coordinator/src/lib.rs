@@ -10,6 +10,7 @@ pub mod api;
 mod errors;
 pub mod leadership;
 pub mod reconcile;
+mod reload;
 mod setup;
 mod snapshot;
 mod verify;

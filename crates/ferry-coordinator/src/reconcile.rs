@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::leadership::{Deposed, LeaderFence};
+use crate::reload;
 use crate::setup::{self, SetupContext};
 use crate::snapshot;
 
@@ -68,21 +69,25 @@ pub async fn run(
 
 /// What a per-pipe task does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Job {
+pub(crate) enum Job {
     Setup,
     HoldSnapshot,
     Cleanup,
+    /// A reload's Holding phase, then the holder of its copy's snapshot.
+    Reload,
+    /// A resync's swap.
+    Swap,
 }
 
 /// Per-pipe tasks of this leadership; dropping the set aborts them all. Each remembers the
 /// status revision it was started for: a job that finished is not started again for the same
 /// revision (the pass that listed the pipe before the job moved it must not repeat it).
 #[derive(Debug, Default)]
-struct Tasks(HashMap<(String, Job), (i64, JoinHandle<()>)>);
+pub(crate) struct Tasks(HashMap<(String, Job), (i64, JoinHandle<()>)>);
 
 impl Tasks {
     /// Starts `job` for `pipe` at `revision` unless it runs, or already ran for that revision.
-    fn ensure(
+    pub(crate) fn ensure(
         &mut self,
         pipe: &str,
         job: Job,
@@ -100,13 +105,13 @@ impl Tasks {
             .insert(key, (revision, tokio::spawn(work.instrument(span))));
     }
 
-    fn running(&self, pipe: &str, job: Job) -> bool {
+    pub(crate) fn running(&self, pipe: &str, job: Job) -> bool {
         self.0
             .get(&(pipe.to_owned(), job))
             .is_some_and(|(_, task)| !task.is_finished())
     }
 
-    fn stop(&mut self, pipe: &str, job: Job) {
+    pub(crate) fn stop(&mut self, pipe: &str, job: Job) {
         if let Some((_, task)) = self.0.remove(&(pipe.to_owned(), job)) {
             task.abort();
         }
@@ -240,6 +245,21 @@ async fn reconcile_pipe(
     if state != PipeState::Snapshot {
         tasks.stop(name, Job::HoldSnapshot);
     }
+    if matches!(state, PipeState::Failed | PipeState::Deleting) || record.status.reload.is_none() {
+        tasks.stop(name, Job::Reload);
+        tasks.stop(name, Job::Swap);
+    }
+    if let Some(reload) = &record.status.reload
+        && matches!(
+            state,
+            PipeState::Resync | PipeState::Modifying | PipeState::Snapshot
+        )
+    {
+        if reload::streams(&record.spec) && fail_on_stream_error(ctx, record).await? {
+            return Ok(());
+        }
+        return reload::advance(ctx, record, reload, tasks).await;
+    }
     match state {
         PipeState::Provisioning => {
             let missing = needed_kinds(record.spec.mode())
@@ -286,28 +306,7 @@ async fn reconcile_pipe(
             );
             snapshot::advance(ctx, record).await
         }
-        PipeState::Running => match ctx.store.stream_error(name).await? {
-            // The CDC worker hit something retrying cannot fix.
-            Some(error) => {
-                let now = SystemTime::now();
-                let Ok(status) = lifecycle::apply(
-                    &record.status,
-                    record.spec.mode(),
-                    PipeEvent::Failed,
-                    "replication failed",
-                    Some(error),
-                    now,
-                ) else {
-                    return Ok(());
-                };
-                ctx.store
-                    .put_pipe_status(&ctx.fence, name, record.status_revision, &status)
-                    .await?;
-                warn!(pipe = %name, "pipe failed: replication cannot continue");
-                Ok(())
-            }
-            None => Ok(()),
-        },
+        PipeState::Running => fail_on_stream_error(ctx, record).await.map(|_| ()),
         PipeState::Pausing => {
             // Paused once no worker holds the stream: the owner releases it after flushing and
             // checkpointing its batch (or its lease expires if it died).
@@ -350,9 +349,33 @@ async fn reconcile_pipe(
     }
 }
 
+/// Fails the pipe with the error its CDC worker reported, if any: something retrying cannot
+/// fix. Returns whether it did.
+async fn fail_on_stream_error(ctx: &SetupContext, record: &PipeRecord) -> Result<bool, StoreError> {
+    let name = &record.spec.name;
+    let Some(error) = ctx.store.stream_error(name).await? else {
+        return Ok(false);
+    };
+    let Ok(status) = lifecycle::apply(
+        &record.status,
+        record.spec.mode(),
+        PipeEvent::Failed,
+        "replication failed",
+        Some(error),
+        SystemTime::now(),
+    ) else {
+        return Ok(false);
+    };
+    ctx.store
+        .put_pipe_status(&ctx.fence, name, record.status_revision, &status)
+        .await?;
+    warn!(pipe = %name, "pipe failed: replication cannot continue");
+    Ok(true)
+}
+
 /// Runs a job until it succeeds, retrying what etcd failed; stops if the leadership or the
 /// pipe moved on (fenced, or a compare-and-swap lost), since a later pass decides then.
-async fn retrying<F, Fut>(job: &'static str, run: F)
+pub(crate) async fn retrying<F, Fut>(job: &'static str, run: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<(), StoreError>>,

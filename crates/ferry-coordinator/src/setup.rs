@@ -51,7 +51,7 @@ pub(crate) enum SetupProblem {
 }
 
 impl SetupProblem {
-    fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             Self::Source(e) => e.is_transient(),
             Self::Sink(e) => e.is_transient(),
@@ -60,7 +60,7 @@ impl SetupProblem {
         }
     }
 
-    fn to_pipe_error(&self) -> PipeError {
+    pub(crate) fn to_pipe_error(&self) -> PipeError {
         let (remedy, table) = match self {
             Self::Source(e) => (e.remedy(), e.table().map(str::to_owned)),
             Self::Sink(e) => (e.remedy(), None),
@@ -310,7 +310,7 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
 
 /// Records the ClickHouse types the user chose (`spec.tables[index].column_types`) in the
 /// described schema, refusing a column that does not exist or cannot take the type.
-fn apply_column_types(
+pub(crate) fn apply_column_types(
     index: usize,
     mapping: &TableMapping,
     described: &mut TableSchema,

@@ -128,7 +128,13 @@ pub async fn copy_partition(
     );
     let limits = store.destination_limits(&spec.name).await?;
     let options = MappingOptions::for_pipe(&spec.settings.unwrap_or_default(), limits.as_ref());
-    let statement = Arc::new(sink.insert_statement(&mapping.destination_table, schema));
+    // A resync writes into its shadow table, named on the partition.
+    let target = if partition.destination_table.is_empty() {
+        &mapping.destination_table
+    } else {
+        &partition.destination_table
+    };
+    let statement = Arc::new(sink.insert_statement(target, schema));
     let copied = read_partition(&source, schema, partition, options, move |body| {
         let (sink, statement) = (sink.clone(), Arc::clone(&statement));
         async move { Ok(sink.insert(&statement, body).await?) }

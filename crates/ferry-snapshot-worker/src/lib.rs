@@ -14,7 +14,7 @@ use std::time::Duration;
 use ferry_core::PipeState;
 use ferry_core::spec::{DEFAULT_PARALLEL_PARTITIONS, DEFAULT_PARALLEL_TABLES};
 use ferry_postgres::SourceError;
-use ferry_proto::v1::SnapshotPartition;
+use ferry_proto::v1::{ReloadPhase, SnapshotPartition};
 use ferry_server::membership::Member;
 use ferry_server::telemetry::error_chain;
 use ferry_server::worker::WorkerContext;
@@ -68,13 +68,16 @@ async fn schedule(
     running: &mut Running,
 ) -> Result<(), StoreError> {
     let listing = ctx.store.list_pipes().await?;
-    let snapshotting: Vec<&PipeRecord> = listing
-        .pipes
-        .values()
-        .filter(|r| r.status.state() == PipeState::Snapshot)
-        .collect();
+    let snapshotting: Vec<&PipeRecord> = listing.pipes.values().filter(|r| copying(r)).collect();
     running.retain(|key, (pipe, task)| {
-        let keep = snapshotting.iter().any(|r| &r.spec.name == pipe);
+        // A reload that starts over (new generation) passes through Holding: its copies stop.
+        let keep = snapshotting.iter().any(|r| {
+            &r.spec.name == pipe
+                && r.status
+                    .reload
+                    .as_ref()
+                    .is_none_or(|reload| reload.phase() == ReloadPhase::Copying)
+        });
         if !keep {
             info!(claim = %key, "pipe left the snapshot; stopping its copy");
             task.abort();
@@ -140,6 +143,13 @@ async fn schedule(
             if partition.done || partition.held || claimed.contains(&owner.as_str()) {
                 continue;
             }
+            // During a reload only its own partitions are copied, once its snapshot is taken.
+            if let Some(reload) = &record.status.reload
+                && (reload.phase() != ReloadPhase::Copying
+                    || partition.reload_generation != reload.generation)
+            {
+                continue;
+            }
             let table_active = active.get(&partition.source_table).copied().unwrap_or(0);
             if table_active >= per_table || (table_active == 0 && active.len() >= tables_at_once) {
                 continue;
@@ -173,6 +183,16 @@ async fn schedule(
         }
     }
     Ok(())
+}
+
+/// Whether the pipe's partitions are being copied: its first snapshot, a resync, or tables
+/// added to it.
+fn copying(record: &PipeRecord) -> bool {
+    match record.status.state() {
+        PipeState::Snapshot => true,
+        PipeState::Resync => record.status.reload.is_some(),
+        _ => false,
+    }
 }
 
 /// Copies a claimed partition and records the outcome, stopping if the session is lost.

@@ -3,6 +3,7 @@
 //! Reads come straight from etcd. Writes validate first (nothing is written for a bad request),
 //! then run on the leader under its fence (see [`route`]), as compare-and-swap on what they read.
 
+mod reloads;
 mod route;
 mod watch;
 
@@ -13,7 +14,7 @@ use ferry_core::PipeState;
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::naming::check_pipe_name;
 use ferry_core::secret::SecretKey;
-use ferry_core::spec::{self, source_table_name};
+use ferry_core::spec;
 use ferry_proto::v1::pipe_service_server::PipeService;
 use ferry_proto::v1::*;
 use ferry_store::{PipeRecord, Store, StoreError};
@@ -94,17 +95,6 @@ impl PipeApi {
             .await
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("pipe {name} does not exist")))
-    }
-
-    /// Checks that `event` applies to the pipe now, for operations a later issue implements:
-    /// the caller learns whether the request is valid even before the feature exists.
-    fn not_yet(record: &PipeRecord, event: PipeEvent, feature: &str) -> Result<Pipe, Status> {
-        let name = &record.spec.name;
-        lifecycle::next_state(record.status.state(), record.spec.mode(), event)
-            .map_err(|e| illegal(name, &e))?;
-        Err(Status::unimplemented(format!(
-            "{feature} is not available in this Ferry version; pipe {name} was not changed"
-        )))
     }
 }
 
@@ -326,51 +316,54 @@ impl PipeService for PipeApi {
         request: Request<ResyncPipeRequest>,
     ) -> Result<Response<ResyncPipeResponse>, Status> {
         let record = self.existing(&request.get_ref().name).await?;
-        let pipe = Self::not_yet(&record, PipeEvent::ResyncRequested, "resync")?;
-        Ok(Response::new(ResyncPipeResponse { pipe: Some(pipe) }))
+        let tables = reloads::resync_tables(&record, &request.get_ref().tables)?;
+        let fence = route!(self, request, resync_pipe);
+        let record = self
+            .start_reload(&fence, &record.spec.name, reloads::Request::Resync(tables))
+            .await?;
+        Ok(Response::new(ResyncPipeResponse {
+            pipe: Some(to_proto(&record)),
+        }))
     }
 
     async fn add_tables(
         &self,
         request: Request<AddTablesRequest>,
     ) -> Result<Response<AddTablesResponse>, Status> {
-        let AddTablesRequest { name, tables } = request.into_inner();
-        let record = self.existing(&name).await?;
-        spec::normalize_added_tables(tables, &record.spec.tables).map_err(|e| invalid_spec(&e))?;
-        let pipe = Self::not_yet(&record, PipeEvent::ModifyRequested, "adding tables")?;
-        Ok(Response::new(AddTablesResponse { pipe: Some(pipe) }))
+        let record = self.existing(&request.get_ref().name).await?;
+        let added =
+            spec::normalize_added_tables(request.get_ref().tables.clone(), &record.spec.tables)
+                .map_err(|e| invalid_spec(&e))?;
+        let fence = route!(self, request, add_tables);
+        let record = self
+            .start_reload(&fence, &record.spec.name, reloads::Request::Add(added))
+            .await?;
+        Ok(Response::new(AddTablesResponse {
+            pipe: Some(to_proto(&record)),
+        }))
     }
 
     async fn remove_tables(
         &self,
         request: Request<RemoveTablesRequest>,
     ) -> Result<Response<RemoveTablesResponse>, Status> {
-        let RemoveTablesRequest {
-            name,
-            source_tables,
-            ..
-        } = request.into_inner();
-        let record = self.existing(&name).await?;
-        if source_tables.is_empty() {
-            return Err(Status::invalid_argument(
-                "source_tables: must list at least one table",
-            ));
-        }
-        let present: Vec<String> = record.spec.tables.iter().map(source_table_name).collect();
-        for (i, table) in source_tables.iter().enumerate() {
-            if !present.contains(table) {
-                return Err(Status::invalid_argument(format!(
-                    "source_tables[{i}]: {table} is not replicated by pipe {name} (tables are named schema.table)"
-                )));
-            }
-        }
-        if present.iter().all(|t| source_tables.contains(t)) {
-            return Err(Status::failed_precondition(format!(
-                "pipe {name} would have no tables left; delete the pipe instead"
-            )));
-        }
-        let pipe = Self::not_yet(&record, PipeEvent::ModifyRequested, "removing tables")?;
-        Ok(Response::new(RemoveTablesResponse { pipe: Some(pipe) }))
+        let record = self.existing(&request.get_ref().name).await?;
+        let removed = reloads::removed_tables(&record, &request.get_ref().source_tables)?;
+        let drop = request.get_ref().drop_destination_tables;
+        let fence = route!(self, request, remove_tables);
+        let record = self
+            .start_reload(
+                &fence,
+                &record.spec.name,
+                reloads::Request::Remove {
+                    tables: removed,
+                    drop,
+                },
+            )
+            .await?;
+        Ok(Response::new(RemoveTablesResponse {
+            pipe: Some(to_proto(&record)),
+        }))
     }
 
     type VerifyPipeStream = ReceiverStream<Result<VerifyPipeResponse, Status>>;
