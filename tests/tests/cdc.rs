@@ -148,7 +148,13 @@ async fn changes_after_the_snapshot_reach_clickhouse_exactly() {
     let error = failed.status.unwrap().error.unwrap();
     assert_eq!(error.table, "public.wide");
     assert!(error.message.contains("changed type"), "{}", error.message);
-    assert!(error.remedy.contains("ferry delete"), "{}", error.remedy);
+    assert!(
+        error
+            .remedy
+            .contains("ferry resync live --table public.wide"),
+        "{}",
+        error.remedy
+    );
 }
 
 async fn confirmed_flush(db: &tokio_postgres::Client) -> u64 {

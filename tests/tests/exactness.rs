@@ -457,5 +457,11 @@ async fn a_renamed_column_fails_the_table_instead_of_splitting_its_values() {
         "{}",
         error.message
     );
-    assert!(error.remedy.contains("ferry delete"), "{}", error.remedy);
+    assert!(
+        error
+            .remedy
+            .contains("ferry resync columns --table public.labels"),
+        "{}",
+        error.remedy
+    );
 }

@@ -162,7 +162,7 @@ async fn schedule(
                     warn!(error = %error_chain(&error), "stream cannot continue; failing the pipe");
                     let report = PipeError {
                         message: error_chain(&error),
-                        remedy: error.remedy(),
+                        remedy: error.remedy(&record2.spec.name),
                         table: error.table().unwrap_or_default().to_owned(),
                         occurred_at: Some(std::time::SystemTime::now().into()),
                     };

@@ -109,6 +109,16 @@ pub enum StreamError {
     /// TLS is required but not supported here.
     #[error("ssl_mode require is not supported for replication yet")]
     TlsUnsupported,
+    /// The replication slot is gone or can no longer stream (its WAL was removed).
+    #[error("replication slot {slot} cannot be used: {detail}")]
+    SlotUnusable {
+        /// The slot.
+        slot: String,
+        /// What the server said.
+        detail: String,
+        /// The pipe (for the remedy).
+        pipe: String,
+    },
     /// Another worker took the pipe over.
     #[error("the stream claim was lost")]
     ClaimLost,
@@ -130,6 +140,7 @@ impl StreamError {
             | Self::NullInNotNull { .. }
             | Self::TableRecreated { .. }
             | Self::TlsUnsupported
+            | Self::SlotUnusable { .. }
             | Self::Secret(_) => true,
             Self::Sink(e) => !e.is_transient(),
             Self::Replication(_)
@@ -140,29 +151,36 @@ impl StreamError {
         }
     }
 
-    /// What to do about a fatal error.
-    pub fn remedy(&self) -> String {
+    /// What to do about a fatal error of pipe `pipe`'s stream.
+    pub fn remedy(&self, pipe: &str) -> String {
+        let resync = |table: &str| format!("ferry resync {pipe} --table {table}");
         match self {
-            Self::SchemaChanged { .. } | Self::TableRecreated { .. } => {
-                format!("reload the table with its new definition: {RECREATE}")
-            }
-            Self::UnchangedToast { table, .. } => {
-                format!("run ALTER TABLE {table} REPLICA IDENTITY FULL; then {RECREATE}")
-            }
+            Self::SchemaChanged { table, .. } | Self::TableRecreated { table } => format!(
+                "reload the table with its new definition: {}",
+                resync(table)
+            ),
+            Self::UnchangedToast { table, .. } => format!(
+                "run ALTER TABLE {table} REPLICA IDENTITY FULL; then {}",
+                resync(table)
+            ),
             Self::IdentityChanged { table, restore, .. } => format!(
-                "run ALTER TABLE {table} REPLICA IDENTITY {restore}; or, to key the table differently, {RECREATE}"
+                "run ALTER TABLE {table} REPLICA IDENTITY {restore} and resume with ferry resync {pipe} --table {table}; or, to key the table differently, change its key and run the same resync"
             ),
             Self::NullInNotNull { table, column } => format!(
-                "check the column (ALTER TABLE {table} ALTER COLUMN {column} DROP NOT NULL; if NULLs are meant), then {RECREATE}"
+                "check the column (ALTER TABLE {table} ALTER COLUMN {column} DROP NOT NULL; if NULLs are meant), then {}",
+                resync(table)
             ),
             Self::TlsUnsupported => "use ssl_mode disable or prefer".into(),
+            Self::SlotUnusable { pipe, .. } => format!(
+                "resync the pipe: ferry resync {pipe} (it creates the slot anew and reloads every table, since the changes the slot held are lost)"
+            ),
             Self::Secret(_) => {
                 "give every worker the secret key the pipe was created with (--secret-key-file)"
                     .into()
             }
             Self::Sink(e) => e.remedy(),
             Self::Transcode(e) => e.remedy(),
-            _ => "see the error; resync the pipe once its cause is fixed".into(),
+            _ => format!("see the error; once its cause is fixed, ferry resync {pipe}"),
         }
     }
 
@@ -179,9 +197,6 @@ impl StreamError {
         }
     }
 }
-
-/// How a table failed by the stream gets going again while resync is not available.
-const RECREATE: &str = "recreate the pipe (ferry delete <pipe>, then ferry create with the same spec; its destination tables must be emptied or dropped first)";
 
 /// Replication events read ahead of the worker (the crate's default is 8,192).
 const EVENT_BUFFER: usize = 512;
@@ -310,7 +325,10 @@ pub async fn run(
     .with_options(SESSION_OPTIONS)
     .with_start_lsn(Lsn::from_u64(start))
     .with_status_interval(interval.clamp(Duration::from_secs(1), Duration::from_secs(10)));
-    let mut client = ReplicationClient::connect(config).await?;
+    let unusable = |error: pgwire_replication::PgWireError| {
+        slot_unusable(error, &slot_name, name, reload.key().is_some())
+    };
+    let mut client = ReplicationClient::connect(config).await.map_err(unusable)?;
     // A reload waits for the stream to hold: acknowledge it once streaming from `start`.
     let hold = reload.holding().then_some(start);
     if let Some((generation, phase)) = reload.key().filter(|_| hold.is_some()) {
@@ -371,7 +389,7 @@ pub async fn run(
         }
         let deadline = first_change.map(|t| t + interval);
         let event = tokio::select! {
-            event = client.recv() => event?,
+            event = client.recv() => event.map_err(unusable)?,
             () = sleep_until(deadline), if deadline.is_some() && !in_transaction => {
                 flush(ctx, &table_ctx, &mut tables, claim, &progress, &client, hold).await?;
                 pending = 0;
@@ -451,6 +469,30 @@ pub async fn run(
             }
             _ => {}
         }
+    }
+}
+
+/// A replication error, recognised as the slot being gone (SQLSTATE 42704) or invalidated
+/// (55000, its WAL removed): retrying cannot help, unless a reload is making the slot anew.
+fn slot_unusable(
+    error: pgwire_replication::PgWireError,
+    slot: &str,
+    pipe: &str,
+    reloading: bool,
+) -> StreamError {
+    match error {
+        pgwire_replication::PgWireError::Server(detail)
+            if !reloading
+                && (detail.contains("SQLSTATE 42704") || detail.contains("SQLSTATE 55000"))
+                && detail.contains("replication slot") =>
+        {
+            StreamError::SlotUnusable {
+                slot: slot.to_owned(),
+                detail,
+                pipe: pipe.to_owned(),
+            }
+        }
+        other => StreamError::Replication(other),
     }
 }
 

@@ -43,8 +43,8 @@ impl TranscodeError {
              \"Decimal(P, S)\"; for every unconstrained numeric: `--unconstrained-numeric string`, \
              settings.unconstrained_numeric), or let such values through altered and counted: \
              `--out-of-range clamp|null` (settings.out_of_range). These are fixed when a pipe is \
-             created and resync does not exist yet: recreate the pipe (`ferry delete`, then \
-             `ferry create` with the new flags)"
+             created: recreate the pipe (`ferry delete`, then `ferry create` with the new \
+             flags)"
         )
     }
 }

@@ -90,7 +90,7 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
                 stuck.index, stuck.source_table, stuck.attempts, stuck.last_error
             ),
             remedy: if stuck.last_remedy.is_empty() {
-                "fix the cause in the error, then recreate the pipe (`ferry delete`, then `ferry create`): resync does not exist yet".into()
+                format!("fix the cause in the error, then ferry resync {name}")
             } else {
                 stuck.last_remedy.clone()
             },

@@ -112,7 +112,7 @@ pub(crate) fn fixed_settings(update: &PipeSettings) -> Vec<(String, String)> {
         (
             format!("settings.{name}"),
             "is fixed when the pipe is created; to change it, recreate the pipe \
-             (`ferry delete`, then `ferry create`): resync does not exist yet"
+             (`ferry delete`, then `ferry create`)"
                 .into(),
         )
     })
