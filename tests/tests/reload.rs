@@ -1,0 +1,551 @@
+//! Reloads of a live pipe (docs/reload.md): a per-table and a whole-pipe resync under a
+//! concurrent write workload, recovery from Failed by resync, tables added and removed while
+//! the others keep streaming. Each test is one scenario through the real services, compared
+//! value by value, with the states a WatchPipe client saw asserted.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::stack::{Stack, WITHIN};
+use ferry_proto::v1::{
+    AddTablesRequest, PipeMode, PipeSettings, PipeState, ReloadPhase, RemoveTablesRequest,
+    ResyncPipeRequest, TableMapping, WatchPipeRequest,
+};
+use ferry_testkit::wait;
+
+const ITEMS_PG: &str = "SELECT id::text, note, payload FROM items";
+const ITEMS_CH: &str = "SELECT toString(id), note, payload FROM dest.items_current";
+const BAG_PG: &str = "SELECT a::text, b FROM bag";
+const BAG_CH: &str = "SELECT toString(a), b FROM dest.bag_current";
+const TICKS_PG: &str = "SELECT id::text, v::text FROM ticks";
+const TICKS_CH: &str = "SELECT toString(id), toString(v) FROM dest.ticks_current";
+
+const TABLES: &str = r#"
+    CREATE TABLE items (id int PRIMARY KEY, note text, payload text);
+    INSERT INTO items SELECT g, 'n' || g, repeat(md5(g::text), 80) FROM generate_series(1, 40000) g;
+    CREATE TABLE bag (a int, b text);
+    ALTER TABLE bag REPLICA IDENTITY FULL;
+    INSERT INTO bag SELECT g % 50, 'b' || (g % 7) FROM generate_series(1, 3000) g;
+    CREATE TABLE ticks (id serial PRIMARY KEY, v int);
+    INSERT INTO ticks (v) SELECT g FROM generate_series(1, 100) g;
+"#;
+
+/// What a WatchPipe client saw: each state change, and each reload phase change.
+#[derive(Default)]
+struct Seen {
+    states: Vec<PipeState>,
+    phases: Vec<ReloadPhase>,
+}
+
+/// Follows pipe `name` through WatchPipe, recording what changed.
+fn watch(stack: &Stack, name: &str) -> Arc<Mutex<Seen>> {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut client = stack.client.clone();
+    let (name, record) = (name.to_owned(), Arc::clone(&seen));
+    tokio::spawn(async move {
+        let mut stream = client
+            .watch_pipe(WatchPipeRequest { name })
+            .await
+            .unwrap()
+            .into_inner();
+        while let Ok(Some(message)) = stream.message().await {
+            let Some(status) = message.pipe.and_then(|p| p.status) else {
+                continue;
+            };
+            let mut seen = record.lock().unwrap();
+            if seen.states.last() != Some(&status.state()) {
+                seen.states.push(status.state());
+            }
+            if let Some(reload) = status.reload
+                && seen.phases.last() != Some(&reload.phase())
+            {
+                seen.phases.push(reload.phase());
+            }
+        }
+    });
+    seen
+}
+
+/// Whether `sub` appears in `seq` in order (not necessarily adjacent).
+fn in_order<T: PartialEq>(seq: &[T], sub: &[T]) -> bool {
+    let mut it = seq.iter();
+    sub.iter().all(|x| it.any(|y| y == x))
+}
+
+/// A write workload on items, bag and ticks until `stop`: inserts, updates (some leaving the
+/// TOASTed payload unchanged), deletes, key changes, keyless duplicates. Bounded.
+async fn workload(stack: &Stack, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u32> {
+    let db = stack.pg.client("postgres").await.unwrap();
+    tokio::spawn(async move {
+        let mut i = 0u32;
+        while !stop.load(Ordering::Relaxed) && i < 20_000 {
+            let k = i64::from(i) * 7919 % 40_000 + 1;
+            db.batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO ticks (v) VALUES ({i});
+                 UPDATE items SET note = 'u{i}' WHERE id = {k};
+                 UPDATE items SET payload = repeat('p{i}', 300) WHERE id = {k2};
+                 DELETE FROM items WHERE id = {k3};
+                 INSERT INTO items VALUES ({new}, 'new', 'x') ON CONFLICT (id) DO NOTHING;
+                 UPDATE items SET id = id + 100000 WHERE id = {k4};
+                 INSERT INTO bag VALUES ({a}, 'w'), ({a}, 'w');
+                 DELETE FROM bag WHERE ctid = (SELECT ctid FROM bag WHERE a = {a} LIMIT 1);
+                 COMMIT;",
+                k2 = (k + 13) % 40_000 + 1,
+                k3 = (k + 29) % 40_000 + 1,
+                k4 = (k + 31) % 40_000 + 1,
+                new = 200_000 + i,
+                a = i % 50,
+            ))
+            .await
+            .unwrap();
+            i += 1;
+            // Pacing, so the stream has a steady flow rather than one burst.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        i
+    })
+}
+
+fn settings() -> PipeSettings {
+    PipeSettings {
+        sync_interval: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        snapshot_rows_per_partition: Some(4000),
+        snapshot_parallel_partitions: Some(2),
+        ..Default::default()
+    }
+}
+
+/// Rows of ticks ClickHouse received while the pipe was in `state` (by `_ferry_synced_at`
+/// against the pipe's state timestamps as WatchPipe reported them).
+async fn ticks_written_between(
+    stack: &Stack,
+    from: &prost_types::Timestamp,
+    to: &prost_types::Timestamp,
+) -> u64 {
+    let sql = format!(
+        "SELECT toString(count()) FROM dest.ticks WHERE _ferry_synced_at > fromUnixTimestamp64Micro({}) \
+         AND _ferry_synced_at < fromUnixTimestamp64Micro({})",
+        from.seconds * 1_000_000 + i64::from(from.nanos / 1000),
+        to.seconds * 1_000_000 + i64::from(to.nanos / 1000),
+    );
+    let rows = stack.ch_rows(&sql).await.unwrap();
+    rows[0][0].as_deref().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_table_resync_restores_deleted_rows_while_the_other_tables_keep_streaming() {
+    let stack = Stack::start(TABLES).await;
+    let mut spec = stack.spec("pipe", &["items", "bag", "ticks"], PipeMode::SnapshotAndCdc);
+    spec.settings = Some(settings());
+    stack.create(spec).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = workload(&stack, Arc::clone(&stop)).await;
+    stack.converge(ITEMS_PG, ITEMS_CH).await;
+
+    // Rows lost in ClickHouse behind Ferry's back: a third of items, all of bag.
+    stack
+        .clickhouse
+        .query("ALTER TABLE dest.items DELETE WHERE id % 3 = 0 SETTINGS mutations_sync = 2")
+        .execute()
+        .await
+        .unwrap();
+    stack
+        .clickhouse
+        .query("TRUNCATE TABLE dest.bag")
+        .execute()
+        .await
+        .unwrap();
+
+    let seen = watch(&stack, "pipe");
+    let resync = stack
+        .client
+        .clone()
+        .resync_pipe(ResyncPipeRequest {
+            name: "pipe".into(),
+            tables: vec!["public.items".into(), "public.bag".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = resync.pipe.unwrap().status.unwrap();
+    assert_eq!(status.state(), PipeState::Resync);
+    let started = status.state_changed_at.unwrap();
+    let done = stack.wait_state("pipe", PipeState::Running).await;
+    let ended = done.status.unwrap().state_changed_at.unwrap();
+
+    // The other table kept receiving its changes during the resync.
+    let during = ticks_written_between(&stack, &started, &ended).await;
+    assert!(
+        during > 0,
+        "no ticks arrived during the resync ({started:?} .. {ended:?})"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 10, "the workload ran ({writes} transactions)");
+    stack.converge(ITEMS_PG, ITEMS_CH).await;
+    stack.converge(BAG_PG, BAG_CH).await;
+    stack.converge(TICKS_PG, TICKS_CH).await;
+    let leftovers = stack
+        .ch_rows("SELECT name FROM system.tables WHERE database = 'dest' AND name LIKE '%_resync'")
+        .await
+        .unwrap();
+    assert!(leftovers.is_empty(), "shadow tables left: {leftovers:?}");
+
+    let seen = seen.lock().unwrap();
+    assert!(
+        in_order(&seen.states, &[PipeState::Resync, PipeState::Running]),
+        "states seen: {:?}",
+        seen.states
+    );
+    assert!(
+        in_order(
+            &seen.phases,
+            &[
+                ReloadPhase::Holding,
+                ReloadPhase::Copying,
+                ReloadPhase::Swapping
+            ]
+        ),
+        "reload phases seen: {:?}",
+        seen.phases
+    );
+}
+
+#[tokio::test]
+async fn a_whole_pipe_resync_swaps_every_table_in_without_a_reader_ever_missing_one() {
+    let stack = Stack::start(TABLES).await;
+    let mut spec = stack.spec(
+        "whole",
+        &["items", "bag", "ticks"],
+        PipeMode::SnapshotAndCdc,
+    );
+    spec.settings = Some(settings());
+    stack.create(spec).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = workload(&stack, Arc::clone(&stop)).await;
+
+    // A reader polls every table the whole time; none may ever be missing.
+    let reading = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let (client, reading) = (stack.clickhouse.clone(), Arc::clone(&reading));
+        tokio::spawn(async move {
+            let (mut reads, mut errors) = (0u32, Vec::new());
+            while reading.load(Ordering::Relaxed) && reads < 200_000 {
+                for table in ["items", "bag", "ticks"] {
+                    let sql = format!("SELECT count() FROM dest.{table}");
+                    match client.query(&sql).fetch_one::<u64>().await {
+                        Ok(_) => reads += 1,
+                        Err(e) => errors.push(format!("{table}: {e}")),
+                    }
+                }
+            }
+            (reads, errors)
+        })
+    };
+    stack
+        .clickhouse
+        .query("ALTER TABLE dest.items DELETE WHERE id % 5 = 0 SETTINGS mutations_sync = 2")
+        .execute()
+        .await
+        .unwrap();
+    let seen = watch(&stack, "whole");
+    stack
+        .client
+        .clone()
+        .resync_pipe(ResyncPipeRequest {
+            name: "whole".into(),
+            tables: vec![],
+        })
+        .await
+        .unwrap();
+    stack.wait_state("whole", PipeState::Running).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    reading.store(false, Ordering::Relaxed);
+    let (reads, errors) = reader.await.unwrap();
+    assert!(
+        errors.is_empty(),
+        "a reader saw errors during the swap: {errors:?}"
+    );
+    assert!(reads > 100, "the reader read ({reads} reads)");
+
+    stack.converge(ITEMS_PG, ITEMS_CH).await;
+    stack.converge(BAG_PG, BAG_CH).await;
+    stack.converge(TICKS_PG, TICKS_CH).await;
+    let seen = seen.lock().unwrap();
+    assert!(
+        in_order(
+            &seen.states,
+            &[PipeState::Running, PipeState::Resync, PipeState::Running]
+        ),
+        "states seen: {:?}",
+        seen.states
+    );
+}
+
+#[tokio::test]
+async fn a_changed_column_type_fails_the_table_and_its_resync_brings_the_pipe_back() {
+    let stack = Stack::start(
+        "CREATE TABLE wide (id int PRIMARY KEY, note text);
+         INSERT INTO wide SELECT g, 'note ' || g FROM generate_series(1, 500) g;
+         CREATE TABLE ticks (id serial PRIMARY KEY, v int);",
+    )
+    .await;
+    stack
+        .create(stack.spec("typed", &["wide", "ticks"], PipeMode::SnapshotAndCdc))
+        .await;
+    stack
+        .db
+        .batch_execute(
+            "ALTER TABLE wide ALTER COLUMN note TYPE integer USING length(note);
+             INSERT INTO wide VALUES (501, 42); INSERT INTO ticks (v) VALUES (1);",
+        )
+        .await
+        .unwrap();
+    let failed = stack.wait_state("typed", PipeState::Failed).await;
+    let error = failed.status.unwrap().error.unwrap();
+    assert_eq!(error.table, "public.wide");
+    assert!(
+        error
+            .remedy
+            .contains("ferry resync typed --table public.wide"),
+        "{}",
+        error.remedy
+    );
+    // Changes keep coming while the pipe is failed; none may be lost.
+    stack
+        .db
+        .batch_execute("UPDATE wide SET note = note + 1 WHERE id <= 10; INSERT INTO ticks (v) VALUES (2), (3);")
+        .await
+        .unwrap();
+
+    stack
+        .client
+        .clone()
+        .resync_pipe(ResyncPipeRequest {
+            name: "typed".into(),
+            tables: vec!["public.wide".into()],
+        })
+        .await
+        .unwrap();
+    stack.wait_state("typed", PipeState::Running).await;
+    stack
+        .db
+        .batch_execute(
+            "UPDATE wide SET note = -1 WHERE id = 500; INSERT INTO ticks (v) VALUES (4);",
+        )
+        .await
+        .unwrap();
+    stack
+        .converge(
+            "SELECT id::text, note::text FROM wide",
+            "SELECT toString(id), toString(note) FROM dest.wide_current",
+        )
+        .await;
+    stack.converge(TICKS_PG, TICKS_CH).await;
+    let ty = stack
+        .ch_rows("SELECT type FROM system.columns WHERE database = 'dest' AND table = 'wide' AND name = 'note'")
+        .await
+        .unwrap();
+    assert_eq!(ty, vec![vec![Some("Nullable(Int32)".to_owned())]]);
+}
+
+#[tokio::test]
+async fn a_pipe_whose_slot_was_dropped_fails_and_a_resync_recovers_it_exactly() {
+    let stack = Stack::start(
+        "CREATE TABLE ticks (id serial PRIMARY KEY, v int);
+         INSERT INTO ticks (v) SELECT g FROM generate_series(1, 1000) g;",
+    )
+    .await;
+    stack
+        .create(stack.spec("slotless", &["ticks"], PipeMode::SnapshotAndCdc))
+        .await;
+    // Dropped from outside: its walsender is terminated first (it reconnects, so retry).
+    let dropped = wait::until(WITHIN, || async {
+        stack
+            .db
+            .batch_execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = 'ferry_slotless' AND active_pid IS NOT NULL;
+                 SELECT pg_drop_replication_slot('ferry_slotless');",
+            )
+            .await
+            .ok()
+    })
+    .await;
+    assert!(dropped.is_some(), "the slot could be dropped");
+    stack
+        .db
+        .batch_execute("INSERT INTO ticks (v) VALUES (-1), (-2); DELETE FROM ticks WHERE id <= 10;")
+        .await
+        .unwrap();
+    let failed = stack.wait_state("slotless", PipeState::Failed).await;
+    let error = failed.status.unwrap().error.unwrap();
+    assert!(error.remedy.contains("ferry resync slotless"), "{error:?}");
+
+    stack
+        .client
+        .clone()
+        .resync_pipe(ResyncPipeRequest {
+            name: "slotless".into(),
+            tables: vec![],
+        })
+        .await
+        .unwrap();
+    stack.wait_state("slotless", PipeState::Running).await;
+    stack
+        .db
+        .batch_execute(
+            "UPDATE ticks SET v = v * 10 WHERE id % 2 = 0; INSERT INTO ticks (v) VALUES (7);",
+        )
+        .await
+        .unwrap();
+    stack.converge(TICKS_PG, TICKS_CH).await;
+    let slots = stack
+        .pg_count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'ferry_slotless'")
+        .await;
+    assert_eq!(slots, 1);
+}
+
+#[tokio::test]
+async fn a_table_added_under_load_is_copied_while_the_others_stream_and_a_removed_one_stops() {
+    let stack = Stack::start(&format!(
+        "{TABLES}
+         CREATE TABLE late (id int PRIMARY KEY, body text);
+         INSERT INTO late SELECT g, repeat('late', g % 50) FROM generate_series(1, 30000) g;"
+    ))
+    .await;
+    let mut spec = stack.spec("grow", &["ticks", "items"], PipeMode::SnapshotAndCdc);
+    spec.settings = Some(settings());
+    stack.create(spec).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = workload(&stack, Arc::clone(&stop)).await;
+    let late_writer = {
+        let db = stack.pg.client("postgres").await.unwrap();
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) && i < 20_000 {
+                db.batch_execute(&format!(
+                    "UPDATE late SET body = 'changed {i}' WHERE id = {k};
+                     INSERT INTO late VALUES ({new}, 'new') ON CONFLICT DO NOTHING;",
+                    k = i * 37 % 30_000 + 1,
+                    new = 100_000 + i
+                ))
+                .await
+                .unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    let seen = watch(&stack, "grow");
+    let added = stack
+        .client
+        .clone()
+        .add_tables(AddTablesRequest {
+            name: "grow".into(),
+            tables: vec![TableMapping {
+                source_table: "late".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = added.pipe.unwrap().status.unwrap();
+    assert_eq!(status.state(), PipeState::Modifying);
+    let started = status.state_changed_at.unwrap();
+    let done = stack.wait_state("grow", PipeState::Running).await;
+    let ended = done.status.clone().unwrap().state_changed_at.unwrap();
+    let during = ticks_written_between(&stack, &started, &ended).await;
+    assert!(during > 0, "no ticks arrived while late was added");
+    assert!(
+        done.status
+            .unwrap()
+            .tables
+            .iter()
+            .any(|t| t.source_table == "public.late"
+                && t.partitions_done == t.partitions_total
+                && t.partitions_total > 1),
+        "late's snapshot progress is reported"
+    );
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    late_writer.await.unwrap();
+    stack
+        .converge(
+            "SELECT id::text, body FROM late",
+            "SELECT toString(id), body FROM dest.late_current",
+        )
+        .await;
+    stack.converge(TICKS_PG, TICKS_CH).await;
+    stack.converge(ITEMS_PG, ITEMS_CH).await;
+    {
+        let seen = seen.lock().unwrap();
+        assert!(
+            in_order(
+                &seen.states,
+                &[
+                    PipeState::Modifying,
+                    PipeState::Snapshot,
+                    PipeState::Running
+                ]
+            ),
+            "states seen: {:?}",
+            seen.states
+        );
+    }
+
+    // Removed: its changes stop arriving; its ClickHouse table stays.
+    stack
+        .client
+        .clone()
+        .remove_tables(RemoveTablesRequest {
+            name: "grow".into(),
+            source_tables: vec!["public.late".into()],
+            drop_destination_tables: false,
+        })
+        .await
+        .unwrap();
+    stack.wait_state("grow", PipeState::Running).await;
+    let before = stack
+        .ch_rows("SELECT id, body FROM dest.late_current")
+        .await
+        .unwrap();
+    stack
+        .db
+        .batch_execute("UPDATE late SET body = 'after removal'; INSERT INTO ticks (v) VALUES (-5);")
+        .await
+        .unwrap();
+    stack.converge(TICKS_PG, TICKS_CH).await;
+    let after = stack
+        .ch_rows("SELECT id, body FROM dest.late_current")
+        .await
+        .unwrap();
+    assert_eq!(before, after, "a removed table received changes");
+    let published = stack
+        .pg_count("SELECT count(*) FROM pg_publication_tables WHERE pubname = 'ferry_grow' AND tablename = 'late'")
+        .await;
+    assert_eq!(published, 0);
+    let pipe = stack.pipe("grow").await.unwrap();
+    assert!(
+        !pipe
+            .spec
+            .unwrap()
+            .tables
+            .iter()
+            .any(|t| t.source_table == "late")
+    );
+}
