@@ -521,7 +521,7 @@ async fn a_table_added_under_load_is_copied_while_the_others_stream_and_a_remove
         .unwrap();
     stack.wait_state("grow", PipeState::Running).await;
     let before = stack
-        .ch_rows("SELECT id, body FROM dest.late_current")
+        .ch_rows("SELECT toString(id), body FROM dest.late_current")
         .await
         .unwrap();
     stack
@@ -531,7 +531,7 @@ async fn a_table_added_under_load_is_copied_while_the_others_stream_and_a_remove
         .unwrap();
     stack.converge(TICKS_PG, TICKS_CH).await;
     let after = stack
-        .ch_rows("SELECT id, body FROM dest.late_current")
+        .ch_rows("SELECT toString(id), body FROM dest.late_current")
         .await
         .unwrap();
     assert_eq!(before, after, "a removed table received changes");
