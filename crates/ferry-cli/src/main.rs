@@ -327,7 +327,24 @@ fn qualified(table: &str) -> String {
 /// Prints the pipe a request answered with.
 fn show(pipe: Option<&Pipe>) {
     if let Some(pipe) = pipe {
-        print!("{}", render::pipe(pipe, SystemTime::now()));
+        emit(&render::pipe(pipe, SystemTime::now()));
+    }
+}
+
+/// Writes `text` to stdout; a reader that went away (`ferry watch demo | head`) ends the
+/// command quietly.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {error}");
+        std::process::exit(1);
     }
 }
 
@@ -419,18 +436,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let states = states.into_iter().map(|s| s.to_proto().into()).collect();
             let response = client.list_pipes(ListPipesRequest { states }).await?;
             if json {
-                println!("{}", Json::new()?.list(response.get_ref())?);
+                emit(&format!("{}\n", Json::new()?.list(response.get_ref())?));
             } else {
-                print!("{}", render::list(&response.get_ref().pipes));
+                emit(&render::list(&response.get_ref().pipes));
             }
         }
         Command::Get { name, json } => {
             let response = client.get_pipe(GetPipeRequest { name }).await?;
             if let Some(pipe) = &response.get_ref().pipe {
                 if json {
-                    println!("{}", Json::new()?.pipe(pipe)?);
+                    emit(&format!("{}\n", Json::new()?.pipe(pipe)?));
                 } else {
-                    print!("{}", render::pipe(pipe, SystemTime::now()));
+                    emit(&render::pipe(pipe, SystemTime::now()));
                 }
             }
         }
@@ -511,9 +528,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?;
             if json {
-                println!("{}", Json::new()?.deleted(r.get_ref())?);
+                emit(&format!("{}\n", Json::new()?.deleted(r.get_ref())?));
             } else {
-                print!("{}", render::deleted(&name, r.get_ref()));
+                emit(&render::deleted(&name, r.get_ref()));
             }
         }
     }

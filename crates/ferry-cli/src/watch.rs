@@ -227,7 +227,10 @@ pub async fn run(
         };
         // A pipe seen before and now unknown was deleted while the watch was down.
         if status.code() == Code::NotFound && lines.last.is_some() {
-            println!("{}  deleted", when(Some(&SystemTime::now().into())));
+            crate::emit(&format!(
+                "{}  deleted\n",
+                when(Some(&SystemTime::now().into()))
+            ));
             return Ok(());
         }
         if !matches!(
@@ -262,12 +265,12 @@ async fn follow(
         *lost_at = None;
         match json {
             Some(json) => match json.watch(&update) {
-                Ok(text) => println!("{text}"),
+                Ok(text) => crate::emit(&format!("{text}\n")),
                 Err(error) => eprintln!("error: {error:#}"),
             },
             None => {
                 for line in lines.of(&update, SystemTime::now(), Instant::now()) {
-                    println!("{line}");
+                    crate::emit(&format!("{line}\n"));
                 }
             }
         }
