@@ -240,11 +240,13 @@ pub async fn run(
         {
             return Err(status.into());
         }
+        if lost_at.is_none() {
+            eprintln!("watch interrupted ({}); reconnecting", status.message());
+        }
         let since = *lost_at.get_or_insert_with(Instant::now);
         if since.elapsed() >= RECONNECT_FOR {
             return Err(anyhow::Error::from(status).context("the watch was lost"));
         }
-        eprintln!("watch interrupted ({}); watching again", status.message());
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
