@@ -1,14 +1,22 @@
 //! `ferry`: create, inspect and steer pipes through a coordinator's `PipeService`.
 
+mod json;
 mod render;
 mod verify;
+mod watch;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_proto::v1::pipe_service_client::PipeServiceClient;
-use ferry_proto::v1::*;
+use ferry_proto::v1::{
+    AddTablesRequest, ClickHouseDestination, CreatePipeRequest, DeletePipeRequest, GetPipeRequest,
+    ListPipesRequest, OutOfRange, PausePipeRequest, Pipe, PipeMode, PipeSecrets, PipeSettings,
+    PipeSpec, PipeState, PostgresSource, RemoveTablesRequest, ResumePipeRequest, ResyncPipeRequest,
+    SslMode, TableMapping, UnconstrainedNumeric, UpdatePipeSettingsRequest,
+};
+use json::Json;
 use tonic::transport::Channel;
 
 /// Ferry: PostgreSQL → ClickHouse replication.
@@ -37,28 +45,61 @@ enum Command {
         /// Only pipes in these states (e.g. running, failed).
         #[arg(long = "state", value_enum)]
         states: Vec<StateArg>,
+        /// Print the ListPipes answer as JSON (protobuf field names).
+        #[arg(long)]
+        json: bool,
     },
-    /// Show one pipe.
-    Get { name: String },
-    /// Follow a pipe's state changes until it is deleted (Ctrl-C to stop).
-    Watch { name: String },
-    /// Pause CDC after flushing the in-flight batch.
+    /// Show one pipe: state, tables and their snapshot progress, the reload in progress, the
+    /// replication slot's health, the stream, and the error with its remedy.
+    Get {
+        name: String,
+        /// Print the pipe as JSON (protobuf field names).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a line per change of a pipe (state, reason, reload phase, snapshot progress)
+    /// until it is deleted (Ctrl-C to stop).
+    Watch {
+        name: String,
+        /// Print every WatchPipe message as one line of JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause: CDC stops after flushing the in-flight batch (a snapshot after the partitions
+    /// being copied).
     Pause { name: String },
-    /// Resume a paused pipe.
+    /// Resume a paused pipe where the pause interrupted it.
     Resume { name: String },
-    /// Reload every table and swap it in atomically.
-    Resync { name: String },
-    /// Add tables (schema.table, or table for public.table).
+    /// Reload tables from a fresh snapshot into shadow tables and swap them in atomically,
+    /// while the other tables keep streaming. Without --table, every table.
+    Resync {
+        name: String,
+        /// Only these tables (schema.table, or table for public.table); repeat or
+        /// comma-separate.
+        #[arg(long = "table", value_delimiter = ',')]
+        tables: Vec<String>,
+    },
+    /// Add tables to a running or paused pipe: they are set up and copied while the others
+    /// keep streaming.
     AddTables {
         name: String,
-        #[arg(required = true)]
+        /// Tables to add (schema.table, or table for public.table); repeat or comma-separate.
+        #[arg(long = "table", required = true, value_delimiter = ',')]
         tables: Vec<String>,
+        /// A column's ClickHouse type, as for `create` (TABLE.COLUMN=TYPE).
+        #[arg(long = "column-type", value_name = "TABLE.COLUMN=TYPE")]
+        column_types: Vec<String>,
     },
-    /// Stop replicating tables (schema.table).
+    /// Stop replicating tables of a running or paused pipe.
     RemoveTables {
         name: String,
-        #[arg(required = true)]
+        /// Tables to remove (schema.table, or table for public.table); repeat or
+        /// comma-separate.
+        #[arg(long = "table", required = true, value_delimiter = ',')]
         tables: Vec<String>,
+        /// Also drop their ClickHouse tables (kept by default).
+        #[arg(long)]
+        drop_tables: bool,
     },
     /// Change settings of a pipe; only the flags given change.
     Settings {
@@ -66,8 +107,21 @@ enum Command {
         #[command(flatten)]
         settings: SettingsArgs,
     },
-    /// Delete a pipe.
-    Delete { name: String },
+    /// Delete a pipe: its replication slot and publication are dropped when Ferry created
+    /// them; ClickHouse tables stay unless --drop-tables.
+    Delete {
+        name: String,
+        /// Also drop the pipe's ClickHouse tables.
+        #[arg(long)]
+        drop_tables: bool,
+        /// Forget the pipe even if its source cannot be reached; what could not be dropped is
+        /// printed with the command that drops it.
+        #[arg(long)]
+        force: bool,
+        /// Print the DeletePipe answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare every value of the pipe's tables between Postgres and ClickHouse, at a
     /// consistent point. Exits 0 when equal, 1 on any difference (or error).
     Verify {
@@ -270,6 +324,30 @@ fn qualified(table: &str) -> String {
     }
 }
 
+/// Prints the pipe a request answered with.
+fn show(pipe: Option<&Pipe>) {
+    if let Some(pipe) = pipe {
+        emit(&render::pipe(pipe, SystemTime::now()));
+    }
+}
+
+/// Writes `text` to stdout; a reader that went away (`ferry watch demo | head`) ends the
+/// command quietly.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {error}");
+        std::process::exit(1);
+    }
+}
+
 async fn connect(addr: &str) -> anyhow::Result<PipeServiceClient<Channel>> {
     let uri = if addr.contains("://") {
         addr.to_owned()
@@ -352,62 +430,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     secrets: Some(secrets),
                 })
                 .await?;
-            render::pipe(response.get_ref().pipe.as_ref());
+            show(response.get_ref().pipe.as_ref());
         }
-        Command::List { states } => {
+        Command::List { states, json } => {
             let states = states.into_iter().map(|s| s.to_proto().into()).collect();
             let response = client.list_pipes(ListPipesRequest { states }).await?;
-            render::list(&response.get_ref().pipes);
+            if json {
+                emit(&format!("{}\n", Json::new()?.list(response.get_ref())?));
+            } else {
+                emit(&render::list(&response.get_ref().pipes));
+            }
         }
-        Command::Get { name } => {
+        Command::Get { name, json } => {
             let response = client.get_pipe(GetPipeRequest { name }).await?;
-            render::pipe(response.get_ref().pipe.as_ref());
-        }
-        Command::Watch { name } => {
-            let mut stream = client
-                .watch_pipe(WatchPipeRequest { name })
-                .await?
-                .into_inner();
-            let mut progress = render::Progress::default();
-            while let Some(update) = stream.message().await? {
-                progress.show(&update);
-                if update.deleted {
-                    break;
+            if let Some(pipe) = &response.get_ref().pipe {
+                if json {
+                    emit(&format!("{}\n", Json::new()?.pipe(pipe)?));
+                } else {
+                    emit(&render::pipe(pipe, SystemTime::now()));
                 }
             }
         }
+        Command::Watch { name, json } => {
+            let json = json.then(Json::new).transpose()?;
+            watch::run(&mut client, name, json.as_ref()).await?;
+        }
         Command::Pause { name } => {
             let r = client.pause_pipe(PausePipeRequest { name }).await?;
-            render::pipe(r.get_ref().pipe.as_ref());
+            show(r.get_ref().pipe.as_ref());
         }
         Command::Resume { name } => {
             let r = client.resume_pipe(ResumePipeRequest { name }).await?;
-            render::pipe(r.get_ref().pipe.as_ref());
+            show(r.get_ref().pipe.as_ref());
         }
-        Command::Resync { name } => {
+        Command::Resync { name, tables } => {
+            let tables = tables.iter().map(|t| qualified(t)).collect();
             let r = client
-                .resync_pipe(ResyncPipeRequest {
-                    name,
-                    ..Default::default()
-                })
+                .resync_pipe(ResyncPipeRequest { name, tables })
                 .await?;
-            render::pipe(r.get_ref().pipe.as_ref());
+            show(r.get_ref().pipe.as_ref());
         }
-        Command::AddTables { name, tables } => {
-            let tables = tables.iter().map(|t| table_mapping(t)).collect();
+        Command::AddTables {
+            name,
+            tables,
+            column_types,
+        } => {
+            let mut tables: Vec<TableMapping> = tables.iter().map(|t| table_mapping(t)).collect();
+            apply_column_types(&mut tables, &column_types)?;
             let r = client.add_tables(AddTablesRequest { name, tables }).await?;
-            render::pipe(r.get_ref().pipe.as_ref());
+            show(r.get_ref().pipe.as_ref());
         }
-        Command::RemoveTables { name, tables } => {
+        Command::RemoveTables {
+            name,
+            tables,
+            drop_tables,
+        } => {
             let source_tables = tables.iter().map(|t| qualified(t)).collect();
             let r = client
                 .remove_tables(RemoveTablesRequest {
                     name,
                     source_tables,
-                    ..Default::default()
+                    drop_destination_tables: drop_tables,
                 })
                 .await?;
-            render::pipe(r.get_ref().pipe.as_ref());
+            show(r.get_ref().pipe.as_ref());
         }
         Command::Settings { name, settings } => {
             let r = client
@@ -416,7 +502,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     settings: Some(settings.to_proto()),
                 })
                 .await?;
-            render::pipe(r.get_ref().pipe.as_ref());
+            show(r.get_ref().pipe.as_ref());
         }
         Command::Verify {
             name,
@@ -428,14 +514,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Delete { name } => {
+        Command::Delete {
+            name,
+            drop_tables,
+            force,
+            json,
+        } => {
             let r = client
                 .delete_pipe(DeletePipeRequest {
-                    name,
-                    ..Default::default()
+                    name: name.clone(),
+                    drop_destination_tables: drop_tables,
+                    force,
                 })
                 .await?;
-            render::pipe(r.get_ref().pipe.as_ref());
+            if json {
+                emit(&format!("{}\n", Json::new()?.deleted(r.get_ref())?));
+            } else {
+                emit(&render::deleted(&name, r.get_ref()));
+            }
         }
     }
     Ok(())
@@ -446,6 +542,54 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    fn parse(args: &str) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ferry").chain(args.split_whitespace()))
+            .map(|cli| cli.command)
+    }
+
+    #[test]
+    fn table_lists_repeat_or_comma_separate() {
+        let Command::Resync { name, tables } =
+            parse("resync demo --table a,b --table s.c").unwrap()
+        else {
+            panic!("not resync");
+        };
+        assert_eq!(name, "demo");
+        let tables: Vec<String> = tables.iter().map(|t| qualified(t)).collect();
+        assert_eq!(tables, ["public.a", "public.b", "s.c"]);
+        let Command::Resync { tables, .. } = parse("resync demo").unwrap() else {
+            panic!("not resync");
+        };
+        assert!(tables.is_empty(), "no --table means every table");
+
+        let Command::RemoveTables {
+            tables,
+            drop_tables,
+            ..
+        } = parse("remove-tables demo --table x --drop-tables").unwrap()
+        else {
+            panic!("not remove-tables");
+        };
+        assert_eq!((tables, drop_tables), (vec!["x".to_owned()], true));
+        assert!(parse("remove-tables demo").is_err(), "--table is required");
+        assert!(parse("add-tables demo").is_err(), "--table is required");
+
+        let Command::Delete {
+            drop_tables, force, ..
+        } = parse("delete demo --drop-tables --force").unwrap()
+        else {
+            panic!("not delete");
+        };
+        assert!(drop_tables && force);
+        let Command::Delete {
+            drop_tables, force, ..
+        } = parse("delete demo").unwrap()
+        else {
+            panic!("not delete");
+        };
+        assert!(!drop_tables && !force, "destination tables stay by default");
+    }
 
     #[test]
     fn column_types_go_to_their_table() {
