@@ -56,9 +56,9 @@ enum Answer {
     Illegal(&'static str),
     /// OK, the pipe already being where the request leads (requests are idempotent).
     Settled,
-    /// INVALID_ARGUMENT naming this field, or UNIMPLEMENTED while the request's feature is not
-    /// built (only for requests the pipe's state allows, so the answer is the argument's).
-    InvalidOnceBuilt(&'static str),
+    /// INVALID_ARGUMENT naming this field (for requests the pipe's state allows, so the
+    /// answer is the argument's).
+    Invalid(&'static str),
 }
 
 /// Sends `call` for pipe `name`; the state of the pipe it answered with, if any.
@@ -246,7 +246,7 @@ async fn illegal_requests_bad_arguments_and_unknown_pipes_get_codes_naming_the_c
         PipeState::Provisioning
     );
 
-    use Answer::{Illegal, InvalidOnceBuilt, Refused, Settled};
+    use Answer::{Illegal, Invalid, Refused, Settled};
     use Call::{Add, Delete, Get, Pause, Remove, Resume, Resync, Settings, Verify, Watch};
     let not_found = Refused(Code::NotFound, &["pipe ghost does not exist"]);
     let cases: Vec<(&str, Call, Answer)> = vec![
@@ -277,12 +277,12 @@ async fn illegal_requests_bad_arguments_and_unknown_pipes_get_codes_naming_the_c
         (
             "live",
             Resync(&["public.nope"]),
-            InvalidOnceBuilt("tables[0]"),
+            Invalid("tables[0]"),
         ),
         (
             "live",
             Resync(&["public.t1", "public.nope"]),
-            InvalidOnceBuilt("tables[1]"),
+            Invalid("tables[1]"),
         ),
         (
             "live",
@@ -387,8 +387,7 @@ async fn illegal_requests_bad_arguments_and_unknown_pipes_get_codes_naming_the_c
                 let words = [format!("pipe {pipe}"), format!("in state {state}")];
                 judge(status, Code::FailedPrecondition, &words)
             }
-            (InvalidOnceBuilt(_), Err(status)) if status.code() == Code::Unimplemented => None,
-            (InvalidOnceBuilt(field), Err(status)) => {
+            (Invalid(field), Err(status)) => {
                 judge(status, Code::InvalidArgument, &[format!("{field}:")])
             }
             (Refused(code, words), Err(status)) => {
