@@ -274,11 +274,7 @@ async fn illegal_requests_bad_arguments_and_unknown_pipes_get_codes_naming_the_c
         ),
         // Running: resume is already done; bad arguments are named.
         ("live", Resume, Settled),
-        (
-            "live",
-            Resync(&["public.nope"]),
-            Invalid("tables[0]"),
-        ),
+        ("live", Resync(&["public.nope"]), Invalid("tables[0]")),
         (
             "live",
             Resync(&["public.t1", "public.nope"]),

@@ -549,3 +549,195 @@ async fn a_table_added_under_load_is_copied_while_the_others_stream_and_a_remove
             .any(|t| t.source_table == "late")
     );
 }
+
+#[tokio::test]
+async fn a_transaction_open_across_the_resync_boundary_holds_the_copy_and_lands_exactly_once() {
+    let stack = Stack::start(TABLES).await;
+    let mut spec = stack.spec("edge", &["items", "bag"], PipeMode::SnapshotAndCdc);
+    spec.settings = Some(settings());
+    stack.create(spec).await;
+    // A transaction that has written (so it has an id) before the resync starts, still open.
+    let open = stack.pg.client("postgres").await.unwrap();
+    open.batch_execute(
+        "BEGIN; INSERT INTO bag VALUES (7, 'b0'); UPDATE items SET note = 'open' WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    stack
+        .client
+        .clone()
+        .resync_pipe(ResyncPipeRequest {
+            name: "edge".into(),
+            tables: vec![],
+        })
+        .await
+        .unwrap();
+    // The copy's snapshot waits for it: the reload says so and stays in Holding.
+    let waiting = wait::until(WITHIN, || async {
+        let status = stack.status("edge").await?;
+        (status
+            .reason
+            .contains("waiting for transactions older than the reload")
+            && status.reload?.phase() == ReloadPhase::Holding)
+            .then_some(())
+    })
+    .await;
+    assert!(waiting.is_some(), "{}", stack.diagnose("edge").await);
+    // Committed now: after the boundary, so the stream also carries it; the copy sees it
+    // too. A keyless row must still land once.
+    open.batch_execute("COMMIT").await.unwrap();
+    stack.wait_state("edge", PipeState::Running).await;
+    stack.converge(BAG_PG, BAG_CH).await;
+    stack.converge(ITEMS_PG, ITEMS_CH).await;
+}
+
+#[tokio::test]
+async fn a_resync_survives_the_coordinator_and_the_cdc_worker_killed_mid_copy() {
+    let mut stack = Stack::start(TABLES).await;
+    let mut spec = stack.spec(
+        "sturdy",
+        &["items", "bag", "ticks"],
+        PipeMode::SnapshotAndCdc,
+    );
+    let mut slow = settings();
+    slow.snapshot_rows_per_partition = Some(2000);
+    slow.snapshot_parallel_partitions = Some(1);
+    spec.settings = Some(slow);
+    stack.create(spec).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = workload(&stack, Arc::clone(&stop)).await;
+    stack
+        .clickhouse
+        .query("ALTER TABLE dest.items DELETE WHERE id % 2 = 0 SETTINGS mutations_sync = 2")
+        .execute()
+        .await
+        .unwrap();
+    stack
+        .client
+        .clone()
+        .resync_pipe(ResyncPipeRequest {
+            name: "sturdy".into(),
+            tables: vec!["public.items".into(), "public.bag".into()],
+        })
+        .await
+        .unwrap();
+    let copying = wait::until(WITHIN, || async {
+        let status = stack.status("sturdy").await?;
+        let reload = status.reload?;
+        let done: u32 = status.tables.iter().map(|t| t.partitions_done).sum();
+        (reload.phase() == ReloadPhase::Copying && done > 0).then_some(reload.generation)
+    })
+    .await
+    .expect("the resync copies");
+    // The leader holding the copy's snapshot dies, and so does the stream.
+    stack.coordinator.process().kill9();
+    stack.replace_cdc("d2");
+    stack.coordinator = stack.ferry.coordinator("c2").unwrap();
+    stack.coordinator.wait_serving(WITHIN).await.unwrap();
+    stack.client = stack.coordinator.pipe_client().await.unwrap();
+    let done = stack.wait_state("sturdy", PipeState::Running).await;
+    assert!(
+        done.status.unwrap().reason.contains("resync done"),
+        "the resync finished"
+    );
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    stack.converge(ITEMS_PG, ITEMS_CH).await;
+    stack.converge(BAG_PG, BAG_CH).await;
+    stack.converge(TICKS_PG, TICKS_CH).await;
+    let _ = copying;
+}
+
+#[tokio::test]
+async fn a_pipe_that_failed_in_setup_is_brought_back_by_a_resync_once_the_cause_is_fixed() {
+    let stack = Stack::start(
+        "CREATE TABLE keyless (a int, b text);
+         INSERT INTO keyless SELECT g, 'k' || g FROM generate_series(1, 300) g;",
+    )
+    .await;
+    stack
+        .submit(stack.spec("later", &["keyless"], PipeMode::SnapshotAndCdc))
+        .await
+        .unwrap();
+    let failed = stack.wait_state("later", PipeState::Failed).await;
+    let error = failed.status.unwrap().error.unwrap();
+    assert_eq!(error.table, "public.keyless", "{error:?}");
+    stack
+        .db
+        .batch_execute(
+            "ALTER TABLE keyless ADD PRIMARY KEY (a); INSERT INTO keyless VALUES (301, 'x');",
+        )
+        .await
+        .unwrap();
+    stack
+        .client
+        .clone()
+        .resync_pipe(ResyncPipeRequest {
+            name: "later".into(),
+            tables: vec![],
+        })
+        .await
+        .unwrap();
+    stack.wait_state("later", PipeState::Running).await;
+    stack
+        .db
+        .batch_execute(
+            "UPDATE keyless SET b = 'changed' WHERE a <= 5; DELETE FROM keyless WHERE a = 6;",
+        )
+        .await
+        .unwrap();
+    stack
+        .converge(
+            "SELECT a::text, b FROM keyless",
+            "SELECT toString(a), b FROM dest.keyless_current",
+        )
+        .await;
+    let resources = stack
+        .pg_count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'ferry_later'")
+        .await;
+    assert_eq!(resources, 1);
+}
+
+#[tokio::test]
+async fn a_pipe_whose_publication_was_dropped_fails_and_a_resync_recreates_it() {
+    let stack = Stack::start(
+        "CREATE TABLE ticks (id serial PRIMARY KEY, v int);
+         INSERT INTO ticks (v) SELECT g FROM generate_series(1, 200) g;",
+    )
+    .await;
+    stack
+        .create(stack.spec("unpublished", &["ticks"], PipeMode::SnapshotAndCdc))
+        .await;
+    stack
+        .db
+        .batch_execute(
+            "DROP PUBLICATION ferry_unpublished;
+             SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+             WHERE slot_name = 'ferry_unpublished' AND active_pid IS NOT NULL;
+             INSERT INTO ticks (v) VALUES (-1);",
+        )
+        .await
+        .unwrap();
+    let failed = stack.wait_state("unpublished", PipeState::Failed).await;
+    let error = failed.status.unwrap().error.unwrap();
+    assert!(
+        error.remedy.contains("ferry resync unpublished"),
+        "{error:?}"
+    );
+    stack
+        .client
+        .clone()
+        .resync_pipe(ResyncPipeRequest {
+            name: "unpublished".into(),
+            tables: vec![],
+        })
+        .await
+        .unwrap();
+    stack.wait_state("unpublished", PipeState::Running).await;
+    stack
+        .db
+        .batch_execute("INSERT INTO ticks (v) VALUES (-2); UPDATE ticks SET v = 0 WHERE id = 3;")
+        .await
+        .unwrap();
+    stack.converge(TICKS_PG, TICKS_CH).await;
+}

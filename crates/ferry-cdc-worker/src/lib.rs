@@ -3,6 +3,7 @@
 //! worker's session is lost (self-fencing: the claim may pass to another worker once the
 //! lease expires, and by then this one has stopped).
 
+mod error;
 mod evolve;
 mod reload;
 pub mod stream;

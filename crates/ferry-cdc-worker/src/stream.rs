@@ -14,189 +14,28 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use ferry_clickhouse::sink::{Sink, SinkError};
-use ferry_clickhouse::transcode::TranscodeError;
+use ferry_clickhouse::sink::Sink;
 use ferry_clickhouse::types::MappingOptions;
 use ferry_core::naming::default_slot_and_publication;
-use ferry_core::secret::SecretError;
 use ferry_core::spec::{DEFAULT_PULL_BATCH_SIZE, DEFAULT_SYNC_INTERVAL_SECS, source_table_name};
 use ferry_postgres::SourceError;
 use ferry_postgres::connection::{self, SESSION_OPTIONS};
-use ferry_postgres::pgoutput::{self, DecodeError, Message};
+use ferry_postgres::pgoutput::{self, Message};
 use ferry_postgres::snapshot::Visibility;
 use ferry_proto::v1::{AlteredValues, Checkpoint, ReplicationStatus, SslMode, StreamHold};
 use ferry_server::membership::Member;
 use ferry_server::worker::WorkerContext;
+use ferry_store::PipeRecord;
 use ferry_store::cdc::CdcClaim;
-use ferry_store::{PipeRecord, StoreError};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+pub use crate::error::StreamError;
+use crate::error::source_objects_gone;
 use crate::reload::{Reload, ReloadedTable};
 use crate::table::{Announced, Position, TableBatch, TableContext};
-
-/// Why a stream stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    /// The replication connection failed.
-    #[error("replication stream failed")]
-    Replication(#[from] pgwire_replication::PgWireError),
-    /// A message did not decode.
-    #[error(transparent)]
-    Decode(#[from] DecodeError),
-    /// The source refused a query.
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    /// A value did not transcode.
-    #[error(transparent)]
-    Transcode(#[from] TranscodeError),
-    /// ClickHouse refused a write.
-    #[error(transparent)]
-    Sink(#[from] SinkError),
-    /// etcd failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The secrets could not be opened.
-    #[error("the pipe's secrets cannot be opened")]
-    Secret(#[source] SecretError),
-    /// A change for a table the stream does not know.
-    #[error("change for unknown relation {0}")]
-    UnknownRelation(u32),
-    /// A table's columns differ from what Setup recorded.
-    #[error("the columns of {table} changed ({detail}); resync the pipe")]
-    SchemaChanged {
-        /// schema.table.
-        table: String,
-        /// What differs.
-        detail: String,
-    },
-    /// An update left a TOASTed value out and its row cannot be looked up by key.
-    #[error(
-        "an update of {table} left TOASTed column {column} out, and the table's key cannot be used to look the row up"
-    )]
-    UnchangedToast {
-        /// schema.table.
-        table: String,
-        /// The column.
-        column: String,
-    },
-    /// The replica identity no longer sends what Setup recorded as the row key.
-    #[error("the replica identity of {table} changed: {detail}")]
-    IdentityChanged {
-        /// schema.table.
-        table: String,
-        /// What changed.
-        detail: String,
-        /// The replica identity Setup recorded.
-        restore: String,
-    },
-    /// A NULL arrived for a column that is still NOT NULL at the source.
-    #[error("a NULL arrived for column {column} of {table}, which the source declares NOT NULL")]
-    NullInNotNull {
-        /// schema.table.
-        table: String,
-        /// The column.
-        column: String,
-    },
-    /// A replicated table was dropped and created again: a new relation with its name.
-    #[error("table {table} was dropped and created again at the source")]
-    TableRecreated {
-        /// schema.table.
-        table: String,
-    },
-    /// TLS is required but not supported here.
-    #[error("ssl_mode require is not supported for replication yet")]
-    TlsUnsupported,
-    /// The replication slot is gone or can no longer stream (its WAL was removed).
-    #[error("replication slot {slot} cannot be used: {detail}")]
-    SlotUnusable {
-        /// The slot.
-        slot: String,
-        /// What the server said.
-        detail: String,
-        /// The pipe (for the remedy).
-        pipe: String,
-    },
-    /// Another worker took the pipe over.
-    #[error("the stream claim was lost")]
-    ClaimLost,
-    /// The server ended the stream.
-    #[error("the replication stream ended")]
-    Ended,
-}
-
-impl StreamError {
-    /// Whether retrying cannot help: the pipe must fail and a human act.
-    pub fn is_fatal(&self) -> bool {
-        match self {
-            Self::Decode(_)
-            | Self::Transcode(_)
-            | Self::UnknownRelation(_)
-            | Self::SchemaChanged { .. }
-            | Self::UnchangedToast { .. }
-            | Self::IdentityChanged { .. }
-            | Self::NullInNotNull { .. }
-            | Self::TableRecreated { .. }
-            | Self::TlsUnsupported
-            | Self::SlotUnusable { .. }
-            | Self::Secret(_) => true,
-            Self::Sink(e) => !e.is_transient(),
-            Self::Replication(_)
-            | Self::Store(_)
-            | Self::Source(_)
-            | Self::ClaimLost
-            | Self::Ended => false,
-        }
-    }
-
-    /// What to do about a fatal error of pipe `pipe`'s stream.
-    pub fn remedy(&self, pipe: &str) -> String {
-        let resync = |table: &str| format!("ferry resync {pipe} --table {table}");
-        match self {
-            Self::SchemaChanged { table, .. } | Self::TableRecreated { table } => format!(
-                "reload the table with its new definition: {}",
-                resync(table)
-            ),
-            Self::UnchangedToast { table, .. } => format!(
-                "run ALTER TABLE {table} REPLICA IDENTITY FULL; then {}",
-                resync(table)
-            ),
-            Self::IdentityChanged { table, restore, .. } => format!(
-                "run ALTER TABLE {table} REPLICA IDENTITY {restore} and resume with ferry resync {pipe} --table {table}; or, to key the table differently, change its key and run the same resync"
-            ),
-            Self::NullInNotNull { table, column } => format!(
-                "check the column (ALTER TABLE {table} ALTER COLUMN {column} DROP NOT NULL; if NULLs are meant), then {}",
-                resync(table)
-            ),
-            Self::TlsUnsupported => "use ssl_mode disable or prefer".into(),
-            Self::SlotUnusable { pipe, .. } => format!(
-                "resync the pipe: ferry resync {pipe} (it creates the slot anew and reloads every table, since the changes the slot held are lost)"
-            ),
-            Self::Secret(_) => {
-                "give every worker the secret key the pipe was created with (--secret-key-file)"
-                    .into()
-            }
-            Self::Sink(e) => e.remedy(),
-            Self::Transcode(e) => e.remedy(),
-            _ => format!("see the error; once its cause is fixed, ferry resync {pipe}"),
-        }
-    }
-
-    /// The table concerned, if any.
-    pub fn table(&self) -> Option<&str> {
-        match self {
-            Self::SchemaChanged { table, .. }
-            | Self::UnchangedToast { table, .. }
-            | Self::IdentityChanged { table, .. }
-            | Self::NullInNotNull { table, .. }
-            | Self::TableRecreated { table } => Some(table),
-            Self::Transcode(e) if !e.table.is_empty() => Some(&e.table),
-            _ => None,
-        }
-    }
-}
 
 /// Replication events read ahead of the worker (the crate's default is 8,192).
 const EVENT_BUFFER: usize = 512;
@@ -313,7 +152,7 @@ pub async fn run(
         &secrets.source_password,
         &source.database,
         slot_name.clone(),
-        publication,
+        publication.clone(),
     )
     .with_port(u16::try_from(source.port).unwrap_or(5432))
     .with_tls(TlsConfig::disabled())
@@ -326,7 +165,13 @@ pub async fn run(
     .with_start_lsn(Lsn::from_u64(start))
     .with_status_interval(interval.clamp(Duration::from_secs(1), Duration::from_secs(10)));
     let unusable = |error: pgwire_replication::PgWireError| {
-        slot_unusable(error, &slot_name, name, reload.key().is_some())
+        source_objects_gone(
+            error,
+            &slot_name,
+            &publication,
+            name,
+            reload.key().is_some(),
+        )
     };
     let mut client = ReplicationClient::connect(config).await.map_err(unusable)?;
     // A reload waits for the stream to hold: acknowledge it once streaming from `start`.
@@ -469,30 +314,6 @@ pub async fn run(
             }
             _ => {}
         }
-    }
-}
-
-/// A replication error, recognised as the slot being gone (SQLSTATE 42704) or invalidated
-/// (55000, its WAL removed): retrying cannot help, unless a reload is making the slot anew.
-fn slot_unusable(
-    error: pgwire_replication::PgWireError,
-    slot: &str,
-    pipe: &str,
-    reloading: bool,
-) -> StreamError {
-    match error {
-        pgwire_replication::PgWireError::Server(detail)
-            if !reloading
-                && (detail.contains("SQLSTATE 42704") || detail.contains("SQLSTATE 55000"))
-                && detail.contains("replication slot") =>
-        {
-            StreamError::SlotUnusable {
-                slot: slot.to_owned(),
-                detail,
-                pipe: pipe.to_owned(),
-            }
-        }
-        other => StreamError::Replication(other),
     }
 }
 

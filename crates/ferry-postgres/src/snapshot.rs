@@ -214,20 +214,15 @@ impl Visibility {
     }
 }
 
-/// A WAL position that a copy's snapshot, taken after this returns, lines up with: every
-/// transaction whose commit record lies before it is visible to any snapshot taken later.
+/// A WAL position that a copy's snapshot, taken once [`boundary_reached`] says so, lines up
+/// with: every transaction whose commit record lies before it is visible to that snapshot.
 ///
 /// A transaction writes its commit record before it leaves the proc array, so a snapshot
 /// taken just after a commit record may still see the transaction as running. This reads the
-/// position, then waits until every transaction that had an id by then has ended (a fresh
-/// transaction id `n` is taken after the position; once the oldest running id is `n` or
-/// later, all earlier ones are gone). `waiting` is called with the elapsed time while older
-/// transactions keep it waiting (a long-running transaction delays the copy, as it delays
-/// the creation of a replication slot).
-pub async fn stream_boundary(
-    client: &Client,
-    mut waiting: impl FnMut(std::time::Duration),
-) -> Result<u64, SourceError> {
+/// position, then takes a fresh transaction id `n` (in its own, immediately ended
+/// transaction): every transaction that wrote a commit record before the position had an id
+/// below `n`. Returns the position and `n`.
+pub async fn stream_boundary(client: &Client) -> Result<(u64, i64), SourceError> {
     let lsn: String = client
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
@@ -236,7 +231,6 @@ pub async fn stream_boundary(
     let lsn = parse_lsn(&lsn).ok_or_else(|| SourceError::Catalog {
         detail: format!("pg_current_wal_insert_lsn() returned {lsn:?}"),
     })?;
-    // Autocommit: the id is taken and the transaction ends at once.
     let fence: String = client
         .query_one("SELECT pg_current_xact_id()::text", &[])
         .await
@@ -245,19 +239,19 @@ pub async fn stream_boundary(
     let fence: i64 = fence.parse().map_err(|_| SourceError::Catalog {
         detail: format!("pg_current_xact_id() returned {fence:?}"),
     })?;
-    let started = std::time::Instant::now();
-    loop {
-        let oldest: String = client
-            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
-            .await
-            .map_err(query_error("oldest running transaction"))?
-            .get(0);
-        if oldest.parse::<i64>().is_ok_and(|oldest| oldest > fence) {
-            return Ok(lsn);
-        }
-        waiting(started.elapsed());
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    Ok((lsn, fence))
+}
+
+/// Whether every transaction with an id below `fence` has ended (the oldest running one is
+/// above it), so a snapshot taken now sees all that committed. A long-running transaction
+/// older than the boundary keeps this false, as it delays the creation of a replication slot.
+pub async fn boundary_reached(client: &Client, fence: i64) -> Result<bool, SourceError> {
+    let oldest: String = client
+        .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
+        .await
+        .map_err(query_error("oldest running transaction"))?
+        .get(0);
+    Ok(oldest.parse::<i64>().is_ok_and(|oldest| oldest > fence))
 }
 
 /// Parses Postgres's `X/Y` LSN text.

@@ -18,7 +18,8 @@ use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::spec::source_table_name;
 use ferry_postgres::{connection, replication, schema, snapshot, validate};
 use ferry_proto::v1::{
-    ExportedSnapshot, ReloadKind, ReloadPhase, SnapshotPartition, TableReload, TableState,
+    ExportedSnapshot, ReloadKind, ReloadPhase, SnapshotPartition, SourceResources, TableReload,
+    TableState,
 };
 use ferry_server::telemetry::error_chain;
 use ferry_store::{PipeRecord, StoreError};
@@ -166,6 +167,17 @@ async fn prepare(
         &secrets.destination_password,
     );
     let generation = reload.generation;
+    // A pipe that failed in Setup may not have recorded what it creates on the source: record
+    // it before creating anything, so a delete drops it.
+    let resources = SourceResources {
+        slot_name: slot_name(spec).unwrap_or_default(),
+        publication: managed_publication(spec).unwrap_or_default(),
+    };
+    if ctx.store.resources(name).await? != resources {
+        ctx.store
+            .put_resources(&ctx.fence, name, &resources)
+            .await?;
+    }
 
     if streams(spec) {
         // Changes of every table must reach the stream: the publication holds them, and the
@@ -254,12 +266,24 @@ async fn prepare(
     // The boundary, then the snapshot: every change committed before the boundary is in the
     // copy (docs/reload.md).
     let start_lsn = if streams(spec) {
-        snapshot::stream_boundary(&source, |waited| {
-            if waited.as_secs() % 10 == 0 && waited.subsec_millis() < 100 {
-                info!(pipe = %name, waited = ?waited, "waiting for transactions older than the reload to end");
+        let (lsn, fence) = snapshot::stream_boundary(&source).await?;
+        let started = std::time::Instant::now();
+        let mut shown = false;
+        while !snapshot::boundary_reached(&source, fence).await? {
+            if !shown && started.elapsed() > Duration::from_secs(2) {
+                warn!(pipe = %name, "waiting for transactions older than the reload to end");
+                let moved = !update(ctx, name, generation, |_, status| {
+                    status.reason = "waiting for transactions older than the reload to end (see pg_stat_activity)".into();
+                })
+                .await?;
+                if moved {
+                    return Ok(None);
+                }
+                shown = true;
             }
-        })
-        .await?
+            tokio::time::sleep(super::POLL).await;
+        }
+        lsn
     } else {
         0
     };
@@ -339,7 +363,13 @@ async fn prepare_tables(
     validate::check_source(source, &checked, slot_name(spec).as_deref().unwrap_or("")).await?;
     let limits = match ctx.store.destination_limits(name).await? {
         Some(limits) => limits,
-        None => sink.probe_limits().await?,
+        None => {
+            let limits = sink.probe_limits().await?;
+            ctx.store
+                .put_destination_limits(&ctx.fence, name, &limits)
+                .await?;
+            limits
+        }
     };
     let settings = spec.settings.unwrap_or_default();
     let options = MappingOptions::for_pipe(&settings, Some(&limits));
@@ -355,6 +385,21 @@ async fn prepare_tables(
             schema::describe_table(source, &m.source_schema, &m.source_table).await?;
         apply_column_types(index, m, &mut described, &limits)?;
         if reload.kind() == ReloadKind::Resync {
+            // The swap replaces the live table: never one holding rows Ferry did not write
+            // (a pipe that failed in Setup on a non-empty destination).
+            let created = ctx
+                .store
+                .table_state(name, &table)
+                .await?
+                .is_some_and(|s| s.destination_created);
+            if !created && settings.allow_non_empty_destination != Some(true) {
+                if let Some(rows @ 1..) = sink.row_count(&m.destination_table).await? {
+                    return Err(SetupProblem::NotEmpty {
+                        table: format!("{}.{}", sink.database(), m.destination_table),
+                        rows,
+                    });
+                }
+            }
             sink.create_shadow(&m.destination_table, &described, options, &mark)
                 .await?;
         } else {
