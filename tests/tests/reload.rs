@@ -702,11 +702,13 @@ async fn a_pipe_that_failed_in_setup_is_brought_back_by_a_resync_once_the_cause_
 async fn a_pipe_whose_publication_was_dropped_fails_and_a_resync_recreates_it() {
     let stack = Stack::start(
         "CREATE TABLE ticks (id serial PRIMARY KEY, v int);
-         INSERT INTO ticks (v) SELECT g FROM generate_series(1, 200) g;",
+         INSERT INTO ticks (v) SELECT g FROM generate_series(1, 200) g;
+         CREATE TABLE other (id int PRIMARY KEY, t text);
+         INSERT INTO other SELECT g, 'o' FROM generate_series(1, 50) g;",
     )
     .await;
     stack
-        .create(stack.spec("unpublished", &["ticks"], PipeMode::SnapshotAndCdc))
+        .create(stack.spec("unpublished", &["ticks", "other"], PipeMode::SnapshotAndCdc))
         .await;
     stack
         .db
@@ -714,7 +716,7 @@ async fn a_pipe_whose_publication_was_dropped_fails_and_a_resync_recreates_it() 
             "DROP PUBLICATION ferry_unpublished;
              SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
              WHERE slot_name = 'ferry_unpublished' AND active_pid IS NOT NULL;
-             INSERT INTO ticks (v) VALUES (-1);",
+             INSERT INTO ticks (v) VALUES (-1); UPDATE other SET t = 'lost?' WHERE id = 1;",
         )
         .await
         .unwrap();
@@ -724,12 +726,14 @@ async fn a_pipe_whose_publication_was_dropped_fails_and_a_resync_recreates_it() 
         error.remedy.contains("ferry resync unpublished"),
         "{error:?}"
     );
+    // Asked for one table; the new slot it needs makes it a resync of every table (the other
+    // table's changes since the checkpoint went with the old slot).
     stack
         .client
         .clone()
         .resync_pipe(ResyncPipeRequest {
             name: "unpublished".into(),
-            tables: vec![],
+            tables: vec!["public.ticks".into()],
         })
         .await
         .unwrap();
@@ -740,4 +744,10 @@ async fn a_pipe_whose_publication_was_dropped_fails_and_a_resync_recreates_it() 
         .await
         .unwrap();
     stack.converge(TICKS_PG, TICKS_CH).await;
+    stack
+        .converge(
+            "SELECT id::text, t FROM other",
+            "SELECT toString(id), t FROM dest.other_current",
+        )
+        .await;
 }

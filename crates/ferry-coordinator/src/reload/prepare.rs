@@ -182,34 +182,36 @@ async fn prepare(
     if streams(spec) {
         // Changes of every table must reach the stream: the publication holds them, and the
         // slot exists and still has its WAL.
+        let mut published_anew = false;
         if let Some(publication) = managed_publication(spec) {
             let all: Vec<String> = spec.tables.iter().map(source_table_name).collect();
-            replication::ensure_publication(&source, &publication, &all).await?;
+            published_anew = replication::ensure_publication(&source, &publication, &all).await?;
             replication::add_to_publication(&source, &publication, &all).await?;
         }
+        // A slot decodes with the catalog as of each change: one older than its publication
+        // cannot stream the changes made before the publication existed again.
         if let Some(slot) = slot_name(spec)
-            && !replication::slot_usable(&source, &slot).await?
+            && (published_anew || !replication::slot_usable(&source, &slot).await?)
         {
+            warn!(pipe = %name, %slot, "replication slot gone, invalidated or older than its publication; creating it anew");
+            replication::drop_slot_forcibly(&source, &slot).await?;
+            replication::ensure_slot(&source, &slot).await?;
+            ctx.store.reset_stream(&ctx.fence, name, true).await?;
             if !reload.whole_pipe {
-                // Changes of every table since the checkpoint are gone with the slot.
-                let moved = update(ctx, name, generation, |record, status| {
+                // Changes of every table since the checkpoint are gone with the old slot.
+                update(ctx, name, generation, |record, status| {
                     if let Some(r) = status.reload.as_mut() {
                         r.generation += 1;
                         r.whole_pipe = true;
                         r.tables = record.spec.tables.iter().map(source_table_name).collect();
                     }
                     status.reason = format!(
-                        "replication slot {slot} is gone or invalidated: resyncing every table"
+                        "replication slot {slot} was made anew (gone, invalidated, or older than its publication): resyncing every table"
                     );
                 })
                 .await?;
-                let _ = moved;
                 return Ok(None);
             }
-            warn!(pipe = %name, %slot, "replication slot gone or invalidated; creating it anew");
-            replication::drop_slot_forcibly(&source, &slot).await?;
-            replication::ensure_slot(&source, &slot).await?;
-            ctx.store.reset_stream(&ctx.fence, name, true).await?;
         }
         if !wait_for_hold(ctx, name, generation, ReloadPhase::Holding).await? {
             return Ok(None);
