@@ -548,6 +548,30 @@ async fn a_table_added_under_load_is_copied_while_the_others_stream_and_a_remove
             .iter()
             .any(|t| t.source_table == "late")
     );
+
+    // Removed with its ClickHouse table dropped (and its view).
+    stack
+        .client
+        .clone()
+        .remove_tables(RemoveTablesRequest {
+            name: "grow".into(),
+            source_tables: vec!["public.items".into()],
+            drop_destination_tables: true,
+        })
+        .await
+        .unwrap();
+    stack.wait_state("grow", PipeState::Running).await;
+    let gone = stack
+        .ch_rows("SELECT name FROM system.tables WHERE database = 'dest' AND name IN ('items', 'items_current')")
+        .await
+        .unwrap();
+    assert!(gone.is_empty(), "dropped tables remain: {gone:?}");
+    stack
+        .db
+        .batch_execute("INSERT INTO ticks (v) VALUES (-6);")
+        .await
+        .unwrap();
+    stack.converge(TICKS_PG, TICKS_CH).await;
 }
 
 #[tokio::test]

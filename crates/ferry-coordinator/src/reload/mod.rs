@@ -147,7 +147,10 @@ async fn copying(
     }
     if !tasks.running(name, Job::Reload) {
         // No holder of the copy's snapshot under this leadership (a new leader, or the
-        // holder ended): the partitions left cannot be read under it any more.
+        // holder ended): the partitions left cannot be read under it any more. The job run
+        // again starts the reload over (`Tasks::ensure` would not repeat a job that ended for
+        // this generation, so forget it first).
+        tasks.stop(name, Job::Reload);
         let (ctx, record) = (ctx.clone(), record.clone());
         tasks.ensure(name, Job::Reload, generation, async move {
             retrying("reload", || prepare::run(ctx.clone(), record.clone())).await;

@@ -45,10 +45,23 @@ pub(super) async fn run(ctx: SetupContext, record: PipeRecord) -> Result<(), Sto
         // Taken over mid-copy: the snapshot the copy was read under is gone with its holder.
         return start_over(&ctx, &name, &reload, "the copy's snapshot was lost").await;
     }
+    let mut record = record;
     loop {
         match prepare(&ctx, &record, &reload).await {
             Ok(Some(client)) => return hold(&ctx, &name, &reload, client).await,
             Ok(None) => return Ok(()),
+            // The status changed under a write (a reason, a concurrent request): go on from
+            // what it is now, as long as it is still this reload.
+            Err(SetupProblem::Store(StoreError::Conflict { .. })) => {
+                let Some(current) = ctx.store.get_pipe(&name).await? else {
+                    return Ok(());
+                };
+                if current.status.reload.as_ref().map(|r| r.generation) != Some(reload.generation) {
+                    return Ok(());
+                }
+                record = current;
+                tokio::time::sleep(super::POLL).await;
+            }
             Err(SetupProblem::Store(error)) => return Err(error),
             Err(problem) if problem.is_transient() => {
                 let text = error_chain(&problem);
