@@ -270,7 +270,10 @@ async fn unfit_sources_fail_setup_precisely_and_leave_nothing_behind() {
     stack
         .client
         .clone()
-        .delete_pipe(DeletePipeRequest { name: "fit".into(), ..Default::default() })
+        .delete_pipe(DeletePipeRequest {
+            name: "fit".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let gone = wait::until(WITHIN, || {

@@ -385,7 +385,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             render::pipe(r.get_ref().pipe.as_ref());
         }
         Command::Resync { name } => {
-            let r = client.resync_pipe(ResyncPipeRequest { name, ..Default::default() }).await?;
+            let r = client
+                .resync_pipe(ResyncPipeRequest {
+                    name,
+                    ..Default::default()
+                })
+                .await?;
             render::pipe(r.get_ref().pipe.as_ref());
         }
         Command::AddTables { name, tables } => {
@@ -424,7 +429,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Delete { name } => {
-            let r = client.delete_pipe(DeletePipeRequest { name, ..Default::default() }).await?;
+            let r = client
+                .delete_pipe(DeletePipeRequest {
+                    name,
+                    ..Default::default()
+                })
+                .await?;
             render::pipe(r.get_ref().pipe.as_ref());
         }
     }

@@ -132,10 +132,7 @@ impl Store {
                 TxnOp::put(key, p.encode_to_vec(), None)
             })
             .collect();
-        for ops in deletes
-            .chunks(MAX_TXN_OPS)
-            .chain(puts.chunks(MAX_TXN_OPS))
-        {
+        for ops in deletes.chunks(MAX_TXN_OPS).chain(puts.chunks(MAX_TXN_OPS)) {
             let txn = Txn::new()
                 .when([
                     fence.compare(),
