@@ -66,8 +66,18 @@ enum Command {
         #[command(flatten)]
         settings: SettingsArgs,
     },
-    /// Delete a pipe.
-    Delete { name: String },
+    /// Delete a pipe: drop its replication slot and publication (and with --drop-tables its
+    /// ClickHouse tables), then forget it. Prints whatever could not be dropped, with the SQL
+    /// that drops it.
+    Delete {
+        name: String,
+        /// Also drop the pipe's ClickHouse tables, their _current views and resync shadows.
+        #[arg(long)]
+        drop_tables: bool,
+        /// Forget the pipe even if its source cannot be reached (what is left is printed).
+        #[arg(long)]
+        force: bool,
+    },
     /// Compare every value of the pipe's tables between Postgres and ClickHouse, at a
     /// consistent point. Exits 0 when equal, 1 on any difference (or error).
     Verify {
@@ -428,14 +438,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Delete { name } => {
+        Command::Delete {
+            name,
+            drop_tables,
+            force,
+        } => {
             let r = client
                 .delete_pipe(DeletePipeRequest {
-                    name,
-                    ..Default::default()
+                    name: name.clone(),
+                    drop_destination_tables: drop_tables,
+                    force,
                 })
                 .await?;
-            render::pipe(r.get_ref().pipe.as_ref());
+            render::deleted(&name, r.get_ref());
         }
     }
     Ok(())

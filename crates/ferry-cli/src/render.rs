@@ -3,7 +3,7 @@
 use ferry_core::lifecycle::state_name;
 use std::collections::BTreeMap;
 
-use ferry_proto::v1::{AlterationKind, Pipe, PipeState, WatchPipeResponse};
+use ferry_proto::v1::{AlterationKind, DeletePipeResponse, Pipe, PipeState, WatchPipeResponse};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 fn when(ts: Option<&prost_types::Timestamp>) -> String {
@@ -118,12 +118,68 @@ pub fn pipe(pipe: Option<&Pipe>) {
             }
         }
     }
+    if let Some(slot) = &status.slot {
+        let safe = slot.safe_wal_bytes.map_or_else(String::new, |b| {
+            format!(
+                ", {} before max_slot_wal_keep_size",
+                bytes(u64::try_from(b).unwrap_or(0))
+            )
+        });
+        if slot.exists {
+            println!(
+                "slot      retains {} of WAL, wal_status {}{safe} (checked {})",
+                bytes(slot.retained_bytes),
+                slot.wal_status,
+                when(slot.checked_at.as_ref())
+            );
+        } else {
+            println!(
+                "slot      missing (checked {})",
+                when(slot.checked_at.as_ref())
+            );
+        }
+        if !slot.warning.is_empty() {
+            println!("warning   {}", slot.warning);
+        }
+    }
     if let Some(error) = &status.error {
         println!("error     {}", error.message);
         println!("remedy    {}", error.remedy);
     }
     println!("created   {}", when(status.created_at.as_ref()));
     println!("changed   {}", when(status.state_changed_at.as_ref()));
+}
+
+/// What `delete` did: gone, or still deleting, and whatever was left behind.
+pub fn deleted(name: &str, response: &DeletePipeResponse) {
+    if response.deleted {
+        println!("pipe {name} deleted");
+    } else {
+        println!("pipe {name} is still being deleted (ferry get {name} shows progress)");
+        pipe(response.pipe.as_ref());
+    }
+    if !response.left_behind.is_empty() {
+        println!("left behind:");
+        for item in &response.left_behind {
+            println!("  {item}");
+        }
+    }
+}
+
+/// Bytes for people: `512 B`, `12.3 MiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// Pipes as a table.

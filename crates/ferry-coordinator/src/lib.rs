@@ -7,9 +7,12 @@
 //! a missed event or a restart.
 
 pub mod api;
+mod cleanup;
 mod errors;
 pub mod leadership;
+mod pause;
 pub mod reconcile;
 mod setup;
+mod slot_health;
 mod snapshot;
 mod verify;

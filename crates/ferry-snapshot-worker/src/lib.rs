@@ -60,8 +60,9 @@ pub async fn run(ctx: WorkerContext) {
     }
 }
 
-/// Stops copies of pipes that left Snapshot, releases claims of ours that have no copy (left
-/// by an ambiguous etcd failure), then claims what this worker may take now.
+/// Stops copies of pipes that failed or are being deleted, releases claims of ours that have
+/// no copy (left by an ambiguous etcd failure), then claims what this worker may take now
+/// (only of pipes in Snapshot).
 async fn schedule(
     ctx: &WorkerContext,
     member: &Member,
@@ -74,9 +75,12 @@ async fn schedule(
         .filter(|r| r.status.state() == PipeState::Snapshot)
         .collect();
     running.retain(|key, (pipe, task)| {
-        let keep = snapshotting.iter().any(|r| &r.spec.name == pipe);
+        let keep = listing
+            .pipes
+            .get(pipe)
+            .is_some_and(|r| copies_continue(r.status.state()));
         if !keep {
-            info!(claim = %key, "pipe left the snapshot; stopping its copy");
+            info!(claim = %key, "pipe failed or is being deleted; stopping its copy");
             task.abort();
             ctx.claims.remove(key);
         }
@@ -128,6 +132,13 @@ async fn schedule(
         }
         let claimed: Vec<&str> = claims.iter().map(|(key, ..)| key.as_str()).collect();
         let states: HashMap<String, _> = ctx.store.table_states(name).await?.into_iter().collect();
+        // Claims hold only while the pipe is as read just now (not paused since).
+        let Some(current) = ctx.store.get_pipe(name).await? else {
+            continue;
+        };
+        if current.status.state() != PipeState::Snapshot {
+            continue;
+        }
         for planned in plan {
             if running.len() >= ctx.capacity as usize {
                 break;
@@ -149,7 +160,13 @@ async fn schedule(
             };
             let Some(claim) = ctx
                 .store
-                .claim_partition(&member.session, name, &planned, &ctx.worker_id)
+                .claim_partition_while(
+                    &member.session,
+                    name,
+                    current.status_revision,
+                    &planned,
+                    &ctx.worker_id,
+                )
                 .await?
             else {
                 continue;
@@ -173,6 +190,16 @@ async fn schedule(
         }
     }
     Ok(())
+}
+
+/// Whether copies in flight of a pipe in `state` go on: in Snapshot, and while it pauses or is
+/// paused (they finish and are marked done, so a resume does not redo them); a pipe that
+/// failed or is being deleted stops them at once.
+fn copies_continue(state: PipeState) -> bool {
+    matches!(
+        state,
+        PipeState::Snapshot | PipeState::Pausing | PipeState::Paused
+    )
 }
 
 /// Copies a claimed partition and records the outcome, stopping if the session is lost.
