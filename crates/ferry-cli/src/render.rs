@@ -1,6 +1,7 @@
 //! Human-readable output of pipes.
 
 use ferry_core::lifecycle::state_name;
+use ferry_core::units::human_bytes as bytes;
 use std::collections::BTreeMap;
 
 use ferry_proto::v1::{AlterationKind, DeletePipeResponse, Pipe, PipeState, WatchPipeResponse};
@@ -163,22 +164,6 @@ pub fn deleted(name: &str, response: &DeletePipeResponse) {
         for item in &response.left_behind {
             println!("  {item}");
         }
-    }
-}
-
-/// Bytes for people: `512 B`, `12.3 MiB`.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::spec::DEFAULT_SLOT_WAL_WARNING_BYTES;
+use ferry_core::units::human_bytes;
 use ferry_core::{PipeMode, PipeState};
 use ferry_postgres::slot::{SlotState, slot_state};
 use ferry_postgres::{SourceError, connection};
@@ -325,22 +326,6 @@ pub(crate) fn keep_size_warning(limit: Option<i64>) -> Option<String> {
     }
 }
 
-/// Bytes for people: `512 B`, `12.3 MiB`, `5.0 GiB`.
-pub(crate) fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use ferry_proto::v1::TableStatus;
@@ -429,6 +414,5 @@ mod tests {
                 .contains("512.0 MiB")
         );
         assert_eq!(keep_size_warning(Some(10 << 30)), None);
-        assert_eq!(human_bytes(512), "512 B");
     }
 }
