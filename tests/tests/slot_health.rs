@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::stack::{Stack, WITHIN};
@@ -14,6 +15,7 @@ use ferry_proto::v1::{
     DeletePipeRequest, PausePipeRequest, PipeMode, PipeSettings, PipeState, PipeStatus,
     ResumePipeRequest,
 };
+use ferry_testkit::ferry::bin_dir;
 use ferry_testkit::wait;
 
 const TABLES: &str = "
@@ -24,6 +26,21 @@ INSERT INTO a SELECT i, 'a' || i FROM generate_series(1, 100) i;
 INSERT INTO b SELECT i, 'b' || i FROM generate_series(1, 100) i;
 INSERT INTO c SELECT i, 'c' || i FROM generate_series(1, 100) i;
 ";
+
+/// What `ferry get <name>` prints.
+async fn ferry_get(stack: &Stack, name: &str) -> String {
+    let (addr, name) = (stack.coordinator.url(), name.to_owned());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(bin_dir().join("ferry"))
+            .args(["--addr", &addr, "get", &name])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success());
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
 
 async fn pause(stack: &Stack, name: &str) {
     stack
@@ -78,6 +95,11 @@ async fn a_slot_retaining_too_much_wal_is_shown_warned_about_and_cleared() {
     let slot = healthy.slot.unwrap();
     assert!(slot.exists && slot.checked_at.is_some(), "{slot:?}");
     assert_eq!(slot.wal_status, "reserved");
+    let shown = ferry_get(&stack, "watched").await;
+    assert!(
+        shown.contains("slot      retains ") && shown.contains("of WAL, wal_status reserved"),
+        "{shown}"
+    );
 
     // Paused while the source writes: the slot grows past 1 MiB.
     pause(&stack, "watched").await;
@@ -111,6 +133,11 @@ async fn a_slot_retaining_too_much_wal_is_shown_warned_about_and_cleared() {
         warned.reason
     );
     assert!(stack.logs().contains("replication slot at risk"));
+    let shown = ferry_get(&stack, "watched").await;
+    assert!(
+        shown.contains("warning   replication slot ferry_watched retains"),
+        "{shown}"
+    );
 
     // Resumed, the stream catches up and the warning goes.
     stack
