@@ -1,11 +1,12 @@
-//! ferry-store against a real etcd: sessions, election fencing, CAS, resumable watches.
+//! ferry-store against a real etcd: sessions, election fencing, CAS, resumable watches, keys
+//! that must not outlive their pipe.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use ferry_core::lifecycle::initial_status;
-use ferry_proto::v1::{CoordinatorLeader, PipeSpec, SealedSecrets};
+use ferry_proto::v1::{CoordinatorLeader, DeletePipeRequest, PipeSpec, SealedSecrets, SlotHealth};
 use ferry_store::watch::{PrefixWatch, WatchEvent};
 use ferry_store::{EtcdConfig, Leadership, Session, Store, StoreError};
 use ferry_testkit::etcd::Etcd;
@@ -177,4 +178,76 @@ async fn a_watch_resumes_after_etcd_restarts_without_losing_or_repeating_events(
     }
     assert!(matches!(&seen[0], WatchEvent::Put { key, .. } if key == b"/ferry/pipes/w/b"));
     assert!(matches!(&seen[1], WatchEvent::Delete { key, .. } if key == b"/ferry/pipes/w/a"));
+}
+
+#[tokio::test]
+async fn slot_health_and_delete_options_live_and_die_with_their_pipe() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let session = Session::start(&store, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let leader = Leadership::campaign(&store, &session, &me("a"))
+        .await
+        .unwrap();
+    let fence = leader.fence();
+    let now = std::time::SystemTime::now();
+    let created = store
+        .create_pipe(
+            fence,
+            &spec("p"),
+            &SealedSecrets::default(),
+            &initial_status(now),
+        )
+        .await
+        .unwrap();
+
+    // Stored beside the pipe and read with it.
+    let health = SlotHealth {
+        exists: true,
+        wal_status: "reserved".into(),
+        retained_bytes: 42,
+        ..Default::default()
+    };
+    assert!(store.put_slot_health(fence, "p", &health).await.unwrap());
+    assert_eq!(
+        store.get_pipe("p").await.unwrap().unwrap().slot,
+        Some(health.clone())
+    );
+    let listed = store.list_pipes().await.unwrap();
+    assert_eq!(listed.pipes["p"].slot, Some(health.clone()));
+    let options = DeletePipeRequest {
+        name: "p".into(),
+        drop_destination_tables: true,
+        force: false,
+    };
+    store
+        .put_delete_request(fence, "p", &options)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.delete_request("p").await.unwrap(),
+        Some(options.clone())
+    );
+
+    // Once the pipe is gone, a late write does not bring a key of it back.
+    store
+        .delete_pipe(fence, "p", created.status_revision)
+        .await
+        .unwrap();
+    assert!(!store.put_slot_health(fence, "p", &health).await.unwrap());
+    let err = store
+        .put_delete_request(fence, "p", &options)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    let left = store
+        .client()
+        .get(
+            "/ferry/pipes/p/",
+            Some(ferry_store::etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert!(left.kvs().is_empty());
 }

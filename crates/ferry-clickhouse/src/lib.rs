@@ -7,6 +7,7 @@
 //!   ordered by the source's row key, plus Ferry's metadata columns; keyless tables as
 //!   multisets) and the `<table>_current` views.
 //! - [`version`]: commit-ordered `_ferry_version`s.
+//! - [`teardown`]: dropping a destination table with its view and resync shadow table.
 
 mod altered;
 pub mod compare;
@@ -17,6 +18,7 @@ pub mod resync;
 pub mod rowbinary;
 pub mod sink;
 pub mod state;
+pub mod teardown;
 mod text;
 pub mod transcode;
 pub mod types;

@@ -14,7 +14,7 @@ use crate::types::MappingOptions;
 
 /// The shadow table a resync loads `table` into.
 pub fn shadow_name(table: &str) -> String {
-    format!("{table}_resync")
+    format!("{table}{}", crate::teardown::SHADOW_SUFFIX)
 }
 
 /// The comment that marks the shadow of a reload.

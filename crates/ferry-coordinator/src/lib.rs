@@ -7,10 +7,13 @@
 //! a missed event or a restart.
 
 pub mod api;
+mod cleanup;
 mod errors;
 pub mod leadership;
+mod pause;
 pub mod reconcile;
 mod reload;
 mod setup;
+mod slot_health;
 mod snapshot;
 mod verify;

@@ -25,7 +25,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::leadership::{Deposed, LeaderFence};
 use crate::reload;
 use crate::setup::{self, SetupContext};
-use crate::snapshot;
+use crate::{cleanup, pause, slot_health, snapshot};
 
 /// What reconciliation works with.
 #[derive(Debug, Clone)]
@@ -77,6 +77,9 @@ pub(crate) enum Job {
     Reload,
     /// A resync's swap.
     Swap,
+    /// One check of the replication slot (see [`slot_health`]); started at most once per
+    /// check period, which stands in for the status revision.
+    SlotHealth,
 }
 
 /// Per-pipe tasks of this leadership; dropping the set aborts them all. Each remembers the
@@ -242,8 +245,13 @@ async fn reconcile_pipe(
 ) -> Result<(), StoreError> {
     let name = &record.spec.name;
     let state = record.status.state();
-    if state != PipeState::Snapshot {
+    if !pause::holds_snapshot(record) {
         tasks.stop(name, Job::HoldSnapshot);
+    }
+    if slot_health::watched(state) {
+        let (ctx, record) = (ctx.clone(), record.clone());
+        let check = slot_health::check(ctx, record);
+        tasks.ensure(name, Job::SlotHealth, slot_health::period(), check);
     }
     if matches!(state, PipeState::Failed | PipeState::Deleting) || record.status.reload.is_none() {
         tasks.stop(name, Job::Reload);
@@ -307,23 +315,20 @@ async fn reconcile_pipe(
             snapshot::advance(ctx, record).await
         }
         PipeState::Running => fail_on_stream_error(ctx, record).await.map(|_| ()),
-        PipeState::Pausing => {
-            // Paused once no worker holds the stream: the owner releases it after flushing and
-            // checkpointing its batch (or its lease expires if it died).
-            match ctx.store.cdc_owner(name).await? {
-                Some((owner, _)) => {
-                    debug!(%owner, "waiting for the stream to stop");
-                    Ok(())
-                }
-                None => {
-                    transition(
-                        ctx,
-                        record,
-                        PipeEvent::PauseDone,
-                        "stream stopped after its last checkpoint".into(),
-                    )
-                    .await
-                }
+        PipeState::Pausing | PipeState::Paused => {
+            // A snapshot paused midway continues under the snapshot it started with.
+            if pause::holds_snapshot(record) {
+                let (holder_ctx, holder_record, me) =
+                    (ctx.clone(), record.clone(), reconciler.me.clone());
+                let hold = snapshot::hold(holder_ctx, holder_record, me);
+                tasks.ensure(name, Job::HoldSnapshot, 0, hold);
+            }
+            // Paused once no worker holds the stream (the owner releases it after flushing and
+            // checkpointing its batch, or its lease expires if it died) or a partition.
+            if state == PipeState::Pausing {
+                pause::settle(ctx, record).await
+            } else {
+                Ok(())
             }
         }
         PipeState::Deleting => {
@@ -335,7 +340,7 @@ async fn reconcile_pipe(
             }
             let (ctx, record) = (ctx.clone(), record.clone());
             tasks.ensure(name, Job::Cleanup, record.status_revision, async move {
-                retrying("cleanup", || cleanup(&ctx, &record)).await;
+                retrying("cleanup", || cleanup::run(&ctx, &record)).await;
             });
             Ok(())
         }
@@ -389,32 +394,6 @@ where
             }
         }
     }
-}
-
-/// Drops what the pipe created in Postgres, then its keys. Until the source can be reached
-/// the pipe stays in Deleting with the reason shown, and cleanup keeps trying: a slot left
-/// behind would pin WAL on the source forever.
-async fn cleanup(ctx: &SetupContext, record: &PipeRecord) -> Result<(), StoreError> {
-    let name = &record.spec.name;
-    let mut revision = record.status_revision;
-    let mut status = record.status.clone();
-    while let Err(problem) = setup::release_source(ctx, record).await {
-        let reason = format!(
-            "cannot drop the pipe's replication slot or publication yet ({}); retrying",
-            error_chain(&problem)
-        );
-        if status.reason != reason {
-            status.reason = reason;
-            revision = ctx
-                .store
-                .put_pipe_status(&ctx.fence, name, revision, &status)
-                .await?;
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    }
-    ctx.store.delete_pipe(&ctx.fence, name, revision).await?;
-    info!(pipe = %name, "pipe deleted");
-    Ok(())
 }
 
 /// Applies `event` to the pipe's status and writes it (compare-and-swap).

@@ -25,6 +25,8 @@ use ferry_server::telemetry::error_chain;
 use ferry_store::{Fence, PipeRecord, Store, StoreError};
 use tracing::{info, warn};
 
+use crate::slot_health;
+
 /// Attempts at a Setup step that failed for a transient reason before the pipe fails.
 const TRANSIENT_ATTEMPTS: u32 = 3;
 
@@ -46,6 +48,8 @@ pub(crate) enum SetupProblem {
         column: String,
         problem: String,
     },
+    #[error("replication slot {slot} is gone, invalidated or older than its publication")]
+    SlotUnusable { pipe: String, slot: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -56,7 +60,10 @@ impl SetupProblem {
             Self::Source(e) => e.is_transient(),
             Self::Sink(e) => e.is_transient(),
             Self::Store(_) => true,
-            Self::Secret(_) | Self::NotEmpty { .. } | Self::ColumnType { .. } => false,
+            Self::Secret(_)
+            | Self::NotEmpty { .. }
+            | Self::ColumnType { .. }
+            | Self::SlotUnusable { .. } => false,
         }
     }
 
@@ -77,6 +84,10 @@ impl SetupProblem {
                     "correct or remove spec.tables[{index}].column_types[{column}] (`--column-type {table}.{column}=…`) and create the pipe again (`ferry delete`, then `ferry create`)"
                 ),
                 Some(table.clone()),
+            ),
+            Self::SlotUnusable { pipe, .. } => (
+                format!("resync the pipe: ferry resync {pipe} (it creates the slot anew and reloads every table)"),
+                None,
             ),
             Self::Store(_) => ("retry once etcd is healthy".into(), None),
         };
@@ -142,8 +153,12 @@ pub(crate) async fn run(ctx: SetupContext, record: PipeRecord) -> Result<(), Sto
     let mode = record.spec.mode();
     let now = SystemTime::now();
     let status = match outcome {
-        Ok(Prepared { tables, partitions }) => {
-            let reason = if mode == PipeMode::CdcOnly {
+        Ok(Prepared {
+            tables,
+            partitions,
+            warning,
+        }) => {
+            let mut reason = if mode == PipeMode::CdcOnly {
                 format!(
                     "source validated; {} destination table(s) ready",
                     tables.len()
@@ -155,6 +170,10 @@ pub(crate) async fn run(ctx: SetupContext, record: PipeRecord) -> Result<(), Sto
                     partitions.len()
                 )
             };
+            if let Some(warning) = warning {
+                warn!(pipe = %name, "{warning}");
+                reason = format!("{reason}; {warning}");
+            }
             let mut status = lifecycle::apply(
                 &record.status,
                 mode,
@@ -192,6 +211,8 @@ pub(crate) async fn run(ctx: SetupContext, record: PipeRecord) -> Result<(), Sto
 struct Prepared {
     tables: Vec<(String, TableState)>,
     partitions: Vec<SnapshotPartition>,
+    /// What the source's settings risk (see [`slot_health::keep_size_warning`]).
+    warning: Option<String>,
 }
 
 async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, SetupProblem> {
@@ -206,6 +227,17 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
     let source = connection::connect(&source_spec, &secrets.source_password).await?;
     let slot = slot_name(spec);
     validate::check_source(&source, spec, slot.as_deref().unwrap_or("")).await?;
+    // Advisory: a source whose setting cannot be read is not refused for it.
+    let warning = match &slot {
+        Some(_) => match ferry_postgres::slot::max_slot_wal_keep_size(&source).await {
+            Ok(limit) => slot_health::keep_size_warning(limit),
+            Err(error) => {
+                warn!(pipe = %name, error = %error_chain(&error), "cannot read max_slot_wal_keep_size");
+                None
+            }
+        },
+        None => None,
+    };
     let sink = Sink::new(&destination, &secrets.destination_password);
     sink.check().await?;
     // What the server holds decides what is clamped; every worker builds from this record.
@@ -305,6 +337,7 @@ async fn prepare(ctx: &SetupContext, record: &PipeRecord) -> Result<Prepared, Se
     Ok(Prepared {
         tables: states,
         partitions,
+        warning,
     })
 }
 
@@ -377,30 +410,4 @@ pub(crate) fn table_progress(
             status
         })
         .collect()
-}
-
-/// Drops the source objects recorded for a pipe (slot, Ferry-managed publication).
-pub(crate) async fn release_source(
-    ctx: &SetupContext,
-    record: &PipeRecord,
-) -> Result<(), SetupProblem> {
-    let name = &record.spec.name;
-    let resources = ctx.store.resources(name).await?;
-    if resources.slot_name.is_empty() && resources.publication.is_empty() {
-        return Ok(());
-    }
-    let secrets = open_secrets(&ctx.store, &ctx.key, name).await?;
-    let source = connection::connect(
-        &record.spec.source.clone().unwrap_or_default(),
-        &secrets.source_password,
-    )
-    .await?;
-    if !resources.slot_name.is_empty() {
-        replication::drop_slot(&source, &resources.slot_name).await?;
-    }
-    if !resources.publication.is_empty() {
-        replication::drop_publication(&source, &resources.publication).await?;
-    }
-    info!(pipe = %name, slot = %resources.slot_name, publication = %resources.publication, "source objects dropped");
-    Ok(())
 }

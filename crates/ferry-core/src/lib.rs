@@ -5,11 +5,13 @@
 //! - [`spec`]: validation and normalisation of pipe specs, with field-level errors.
 //! - [`secret`]: sealing pipe secrets so etcd never holds them in plaintext.
 //! - [`naming`]: names Ferry derives (slots, publications, etcd-safe identifiers).
+//! - [`units`]: quantities as people read them.
 
 pub mod lifecycle;
 pub mod mapping;
 pub mod naming;
 pub mod secret;
 pub mod spec;
+pub mod units;
 
 pub use ferry_proto::v1::{PipeMode, PipeState, WorkerKind};

@@ -7,6 +7,7 @@
 //! - [`schema`]: the source table definitions Setup records.
 //! - [`identity`]: the replica identity and the columns that key a row.
 //! - [`lookup`]: rows read back by key (unchanged TOAST values), columns' missing values.
+//! - [`slot`]: a replication slot's health and the SQL that drops what a pipe leaves behind.
 
 pub mod connection;
 pub mod consistent;
@@ -18,6 +19,7 @@ pub mod pgoutput;
 mod publication;
 pub mod replication;
 pub mod schema;
+pub mod slot;
 pub mod snapshot;
 pub mod validate;
 

@@ -60,8 +60,9 @@ pub async fn run(ctx: WorkerContext) {
     }
 }
 
-/// Stops copies of pipes that left Snapshot, releases claims of ours that have no copy (left
-/// by an ambiguous etcd failure), then claims what this worker may take now.
+/// Stops copies of pipes that failed or are being deleted, releases claims of ours that have
+/// no copy (left by an ambiguous etcd failure), then claims what this worker may take now
+/// (only of pipes in Snapshot).
 async fn schedule(
     ctx: &WorkerContext,
     member: &Member,
@@ -70,16 +71,17 @@ async fn schedule(
     let listing = ctx.store.list_pipes().await?;
     let snapshotting: Vec<&PipeRecord> = listing.pipes.values().filter(|r| copying(r)).collect();
     running.retain(|key, (pipe, task)| {
-        // A reload that starts over (new generation) passes through Holding: its copies stop.
-        let keep = snapshotting.iter().any(|r| {
-            &r.spec.name == pipe
+        // Copies go on while the pipe copies, pauses or is paused; a reload that starts over
+        // (new generation) passes through Holding, which stops its copies.
+        let keep = listing.pipes.get(pipe).is_some_and(|r| {
+            copies_continue(r.status.state())
                 && r.status
                     .reload
                     .as_ref()
                     .is_none_or(|reload| reload.phase() == ReloadPhase::Copying)
         });
         if !keep {
-            info!(claim = %key, "pipe left the snapshot; stopping its copy");
+            info!(claim = %key, "pipe failed or is being deleted; stopping its copy");
             task.abort();
             ctx.claims.remove(key);
         }
@@ -131,6 +133,13 @@ async fn schedule(
         }
         let claimed: Vec<&str> = claims.iter().map(|(key, ..)| key.as_str()).collect();
         let states: HashMap<String, _> = ctx.store.table_states(name).await?.into_iter().collect();
+        // Claims hold only while the pipe is as read just now (not paused since).
+        let Some(current) = ctx.store.get_pipe(name).await? else {
+            continue;
+        };
+        if current.status.state() != PipeState::Snapshot {
+            continue;
+        }
         for planned in plan {
             if running.len() >= ctx.capacity as usize {
                 break;
@@ -159,7 +168,13 @@ async fn schedule(
             };
             let Some(claim) = ctx
                 .store
-                .claim_partition(&member.session, name, &planned, &ctx.worker_id)
+                .claim_partition_while(
+                    &member.session,
+                    name,
+                    current.status_revision,
+                    &planned,
+                    &ctx.worker_id,
+                )
                 .await?
             else {
                 continue;
@@ -193,6 +208,16 @@ fn copying(record: &PipeRecord) -> bool {
         PipeState::Resync => record.status.reload.is_some(),
         _ => false,
     }
+}
+
+/// Whether copies in flight of a pipe in `state` go on: while it copies (Snapshot, Resync),
+/// and while it pauses or is paused (they finish and are marked done, so a resume does not
+/// redo them); a pipe that failed or is being deleted stops them at once.
+fn copies_continue(state: PipeState) -> bool {
+    matches!(
+        state,
+        PipeState::Snapshot | PipeState::Resync | PipeState::Pausing | PipeState::Paused
+    )
 }
 
 /// Copies a claimed partition and records the outcome, stopping if the session is lost.

@@ -101,6 +101,18 @@ impl Keys {
         format!("{}{table}/", self.snapshot_partitions(pipe))
     }
 
+    /// `pipes/<pipe>/slot_health`: the replication slot as the coordinator last checked it
+    /// (SlotHealth).
+    pub fn slot_health(&self, pipe: &str) -> String {
+        format!("{}slot_health", self.pipe(pipe))
+    }
+
+    /// `pipes/<pipe>/delete_request`: the options of the DeletePipe being carried out
+    /// (DeletePipeRequest), so cleanup honours them whoever leads.
+    pub fn delete_request(&self, pipe: &str) -> String {
+        format!("{}delete_request", self.pipe(pipe))
+    }
+
     /// `pipes/<pipe>/exported_snapshot`: the snapshot partitions import.
     pub fn exported_snapshot(&self, pipe: &str) -> String {
         format!("{}exported_snapshot", self.pipe(pipe))
@@ -172,6 +184,8 @@ mod tests {
         assert_eq!(keys.worker(WorkerKind::Cdc, "w1"), "/ferry/workers/cdc/w1");
         assert_eq!(keys.cdc_owner("p"), "/ferry/owners/cdc/p");
         assert_eq!(keys.election(), "/ferry/election/coordinator");
+        assert_eq!(keys.slot_health("p"), "/ferry/pipes/p/slot_health");
+        assert_eq!(keys.delete_request("p"), "/ferry/pipes/p/delete_request");
         assert_eq!(
             keys.split_pipe_key("/ferry/pipes/p/tables/public.t"),
             Some(("p", "tables/public.t"))

@@ -6,15 +6,18 @@
 //! - [`election`]: coordinator leader election; a [`Fence`] guards every leader write.
 //! - [`pipes`]: pipe records, written by compare-and-swap on `mod_revision` under a fence.
 //! - [`workers`]: worker registrations bound to leases.
+//! - [`slot`]: the replication slot's health; [`deletion`]: the options of a delete.
 //! - [`watch`]: prefix watches that resume from the last seen revision after a reconnect.
 
 pub mod cdc;
+pub mod deletion;
 pub mod election;
 mod error;
 pub mod keys;
 pub mod pipes;
 pub mod reload;
 pub mod session;
+pub mod slot;
 pub mod snapshot;
 pub mod watch;
 pub mod workers;

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
-use ferry_proto::v1::{PipeSpec, PipeStatus, ReplicationStatus, SealedSecrets};
+use ferry_proto::v1::{PipeSpec, PipeStatus, ReplicationStatus, SealedSecrets, SlotHealth};
 use prost::Message;
 
 use crate::keys::display_key;
@@ -27,6 +27,8 @@ pub struct PipeRecord {
     pub status_revision: i64,
     /// The CDC worker's last report, once the pipe streams.
     pub replication: Option<ReplicationStatus>,
+    /// The replication slot as the leader last checked it.
+    pub slot: Option<SlotHealth>,
 }
 
 /// Pipes read at one etcd revision.
@@ -48,11 +50,13 @@ struct Partial {
     spec: Option<(PipeSpec, i64)>,
     status: Option<(PipeStatus, i64)>,
     replication: Option<ReplicationStatus>,
+    slot: Option<SlotHealth>,
     broken: bool,
 }
 
 impl Partial {
-    /// Takes in the value of `pipes/<pipe>/<rest>` if it is the spec or the status.
+    /// Takes in the value of `pipes/<pipe>/<rest>` if it is part of the record (spec, status,
+    /// the stream's report, the slot's health).
     fn absorb(
         &mut self,
         rest: &str,
@@ -64,6 +68,7 @@ impl Partial {
             "spec" => self.spec = Some((decode(key, value)?, revision)),
             "status" => self.status = Some((decode(key, value)?, revision)),
             "replication" => self.replication = Some(decode(key, value)?),
+            "slot_health" => self.slot = Some(decode(key, value)?),
             _ => {}
         }
         Ok(())
@@ -78,6 +83,7 @@ impl Partial {
             status,
             status_revision,
             replication: self.replication,
+            slot: self.slot,
         })
     }
 }
@@ -126,6 +132,7 @@ impl Store {
             TxnOp::get(keys.pipe_spec(pipe), None),
             TxnOp::get(keys.pipe_status(pipe), None),
             TxnOp::get(keys.replication(pipe), None),
+            TxnOp::get(keys.slot_health(pipe), None),
         ]);
         let response = self.run_txn(txn, true).await?;
         let revision = response.header().map_or(0, |h| h.revision());
@@ -192,6 +199,7 @@ impl Store {
             status: status.clone(),
             status_revision: revision,
             replication: None,
+            slot: None,
         })
     }
 

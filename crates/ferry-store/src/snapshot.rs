@@ -267,6 +267,46 @@ impl Store {
         }))
     }
 
+    /// [`Store::claim_partition`], only while the pipe's status is still at
+    /// `status_revision`: a worker that read the pipe in Snapshot cannot start a copy after it
+    /// was paused (the coordinator counts the claims to decide the pause is complete).
+    pub async fn claim_partition_while(
+        &self,
+        session: &Session,
+        pipe: &str,
+        status_revision: i64,
+        planned: &PlannedPartition,
+        worker: &str,
+    ) -> Result<Option<Claim>, StoreError> {
+        let partition = &planned.partition;
+        let key = self
+            .keys()
+            .snapshot_owner(pipe, &partition.source_table, partition.index);
+        let lease = session.lease_id();
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                Compare::mod_revision(planned.key.clone(), CompareOp::Equal, planned.revision),
+                Compare::mod_revision(
+                    self.keys().pipe_status(pipe),
+                    CompareOp::Equal,
+                    status_revision,
+                ),
+            ])
+            .and_then([TxnOp::put(
+                key.clone(),
+                worker,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = self.run_txn(txn, false).await?;
+        Ok(response.succeeded().then(|| Claim {
+            key,
+            partition_key: planned.key.clone(),
+            lease,
+            partition_revision: planned.revision,
+        }))
+    }
+
     /// Marks a claimed partition done and releases the claim, only if the claim still stands
     /// and the partition was not re-planned meanwhile. Returns false otherwise: the partition
     /// is then redone by whoever claims it next.

@@ -334,6 +334,29 @@ impl Stack {
         )
     }
 
+    /// Every etcd key that belongs to pipe `name`: its records (`pipes/<name>/…`) and the
+    /// claims on its work (`owners/…/<name>…`).
+    pub async fn etcd_keys_of(&self, name: &str) -> Vec<String> {
+        let store = self.ferry.store().await.unwrap();
+        let all = store
+            .client()
+            .get(
+                format!("{}/", store.keys().prefix()),
+                Some(
+                    ferry_store::etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await
+            .unwrap();
+        all.kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .filter(|key| key.contains(&format!("/{name}/")) || key.ends_with(&format!("/{name}")))
+            .collect()
+    }
+
     /// The log of every service so far.
     pub fn logs(&self) -> String {
         self.ferry.all_logs()

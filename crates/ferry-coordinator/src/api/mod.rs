@@ -3,6 +3,7 @@
 //! Reads come straight from etcd. Writes validate first (nothing is written for a bad request),
 //! then run on the leader under its fence (see [`route`]), as compare-and-swap on what they read.
 
+mod delete;
 mod reloads;
 mod route;
 mod watch;
@@ -98,7 +99,8 @@ impl PipeApi {
     }
 }
 
-/// A stored pipe as the API shows it: the status with the CDC worker's last report folded in.
+/// A stored pipe as the API shows it: the status with the CDC worker's last report and the
+/// slot's last check folded in.
 pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
     let mut status = record.status.clone();
     if let Some(replication) = &record.replication {
@@ -119,6 +121,7 @@ pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
         }
         status.replication = Some(replication.clone());
     }
+    status.slot.clone_from(&record.slot);
     Pipe {
         spec: Some(record.spec.clone()),
         status: Some(status),
@@ -386,22 +389,11 @@ impl PipeService for PipeApi {
         &self,
         request: Request<DeletePipeRequest>,
     ) -> Result<Response<DeletePipeResponse>, Status> {
-        let name = request.get_ref().name.clone();
-        check_pipe_name(&name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+        check_pipe_name(&request.get_ref().name)
+            .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
         let fence = route!(self, request, delete_pipe);
-        let record = self
-            .apply_event(
-                &fence,
-                &name,
-                |_| PipeEvent::DeleteRequested,
-                "DeletePipe requested",
-                &[PipeState::Deleting],
-            )
-            .await?;
-        Ok(Response::new(DeletePipeResponse {
-            pipe: Some(to_proto(&record)),
-            ..Default::default()
-        }))
+        let response = self.delete(&fence, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 }
 

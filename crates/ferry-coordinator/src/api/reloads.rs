@@ -85,6 +85,14 @@ impl PipeApi {
     ) -> Result<PipeRecord, Status> {
         for _ in 0..CAS_ATTEMPTS {
             let mut record = self.existing(name).await?;
+            // A snapshot paused midway has tables not copied yet: finish it first.
+            if record.status.state() == ferry_core::PipeState::Paused
+                && record.status.paused_from() == ferry_core::PipeState::Snapshot
+            {
+                return Err(Status::failed_precondition(format!(
+                    "pipe {name} is in state paused during its snapshot; resume it (ferry resume {name}) and let the snapshot finish first"
+                )));
+            }
             let (event, reason) = match &request {
                 Request::Resync(tables) => (
                     PipeEvent::ResyncRequested,

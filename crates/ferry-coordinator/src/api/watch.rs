@@ -3,7 +3,7 @@
 //! The watch starts right after the revision of the first read, so no change between the read
 //! and the watch is missed, and every status change is delivered (not only the latest).
 
-use ferry_proto::v1::{PipeSpec, PipeStatus, ReplicationStatus, WatchPipeResponse};
+use ferry_proto::v1::{PipeSpec, PipeStatus, ReplicationStatus, SlotHealth, WatchPipeResponse};
 use ferry_server::shutdown::Shutdown;
 use ferry_store::watch::{PrefixWatch, WatchEvent};
 use ferry_store::{PipeRecord, Store, StoreError};
@@ -33,7 +33,7 @@ pub(crate) async fn stream(
     }
     let keys = store.keys().clone();
     let (spec_key, status_key) = (keys.pipe_spec(&name), keys.pipe_status(&name));
-    let replication_key = keys.replication(&name);
+    let (replication_key, slot_key) = (keys.replication(&name), keys.slot_health(&name));
     let mut watch = PrefixWatch::new(&store, keys.pipe(&name), read_at + 1);
     loop {
         let events = tokio::select! {
@@ -93,6 +93,12 @@ pub(crate) async fn stream(
                     // Each progress report is a message too: lag and counters move with it.
                     if let Ok(report) = ReplicationStatus::decode(value.as_slice()) {
                         record.replication = Some(report);
+                        changed = true;
+                    }
+                }
+                WatchEvent::Put { key, value, .. } if key == slot_key.as_bytes() => {
+                    if let Ok(health) = SlotHealth::decode(value.as_slice()) {
+                        record.slot = Some(health);
                         changed = true;
                     }
                 }

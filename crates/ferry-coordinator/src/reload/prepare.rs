@@ -206,6 +206,13 @@ async fn prepare(
         if let Some(slot) = slot_name(spec)
             && (published_anew || !replication::slot_usable(&source, &slot).await?)
         {
+            if reload.kind() != ReloadKind::Resync {
+                // Only a resync of every table can absorb a new slot.
+                return Err(SetupProblem::SlotUnusable {
+                    pipe: name.clone(),
+                    slot,
+                });
+            }
             warn!(pipe = %name, %slot, "replication slot gone, invalidated or older than its publication; creating it anew");
             replication::drop_slot_forcibly(&source, &slot).await?;
             replication::ensure_slot(&source, &slot).await?;
