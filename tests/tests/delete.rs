@@ -206,7 +206,7 @@ async fn a_pipe_whose_source_is_down_is_deleted_only_when_forced() {
     );
     assert!(printed.contains("pipe orphan deleted"), "{printed}");
     assert!(
-        printed.contains("left behind:")
+        printed.contains("left behind")
             && printed.contains("SELECT pg_drop_replication_slot('ferry_orphan');"),
         "{printed}"
     );

@@ -264,10 +264,7 @@ pub async fn run(
                 ..
             } => {
                 in_transaction = true;
-                position = Position {
-                    commit_lsn: final_lsn.as_u64(),
-                    rows: 0,
-                };
+                position = Position::begin(final_lsn.as_u64());
                 xid = begun;
             }
             ReplicationEvent::XLogData { data, .. } => {
@@ -365,15 +362,15 @@ async fn apply(
             }
             Ok(false)
         }
-        Message::Insert { relation, new } => match ours(tables, relation, xid, position) {
+        Message::Insert { relation, new } => match ours_at(tables, relation, xid, position) {
             Some(batch) => batch.insert(&new, position, ctx).await.map(|()| true),
             None => Ok(false),
         },
-        Message::Update { relation, old, new } => match ours(tables, relation, xid, position) {
+        Message::Update { relation, old, new } => match ours_at(tables, relation, xid, position) {
             Some(batch) => batch.update(old, &new, position, ctx).await.map(|()| true),
             None => Ok(false),
         },
-        Message::Delete { relation, old } => match ours(tables, relation, xid, position) {
+        Message::Delete { relation, old } => match ours_at(tables, relation, xid, position) {
             Some(batch) => batch.delete(old, position).map(|()| true),
             None => Ok(false),
         },
@@ -392,6 +389,17 @@ async fn apply(
         }
         _ => Ok(false),
     }
+}
+
+/// A row message: counted in the transaction (see [`Position`]), then [`ours`].
+fn ours_at<'t>(
+    tables: &'t mut HashMap<u32, TableBatch>,
+    oid: u32,
+    xid: u32,
+    position: &mut Position,
+) -> Option<&'t mut TableBatch> {
+    position.message();
+    ours(tables, oid, xid, position)
 }
 
 /// The table of relation `oid` if the pipe replicates it and its copy does not already hold

@@ -36,19 +36,41 @@ pub(crate) struct TableContext<'a> {
 }
 
 /// Where the transaction being applied is: rows get versions in commit order.
+///
+/// A row's version depends only on the transaction and the row message's place in it, never on
+/// which tables this stream writes: a stream that leaves a table out (held for a reload, or
+/// removed) and one that writes it number the other tables' rows alike, so a replay by either
+/// rewrites a keyless row with the version it had (a multiset cannot absorb a repeat).
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Position {
     /// The transaction's commit LSN.
     pub(crate) commit_lsn: u64,
-    /// Rows it wrote so far.
-    pub(crate) rows: u64,
+    /// Row messages (insert, update, delete) of the transaction so far, of any table.
+    message: u64,
+    /// Rows written for the current message (an update of a key writes two).
+    row: u64,
 }
 
 impl Position {
-    /// The version of the next row of the transaction.
+    /// The start of the transaction committed at `commit_lsn`.
+    pub(crate) fn begin(commit_lsn: u64) -> Self {
+        Self {
+            commit_lsn,
+            message: 0,
+            row: 0,
+        }
+    }
+
+    /// A row message of the transaction begins, whether or not its table is written.
+    pub(crate) fn message(&mut self) {
+        self.message += 1;
+        self.row = 0;
+    }
+
+    /// The version of the next row of the current message (at most three per message).
     pub(crate) fn next(&mut self) -> u128 {
-        self.rows += 1;
-        version::change(self.commit_lsn, self.rows)
+        self.row = (self.row + 1).min(3);
+        version::change(self.commit_lsn, (self.message << 2) | self.row)
     }
 }
 

@@ -137,7 +137,7 @@ async fn schedule(
         let Some(current) = ctx.store.get_pipe(name).await? else {
             continue;
         };
-        if current.status.state() != PipeState::Snapshot {
+        if !copying(&current) {
             continue;
         }
         for planned in plan {
