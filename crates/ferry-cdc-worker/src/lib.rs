@@ -33,16 +33,16 @@ struct Stream {
     task: JoinHandle<()>,
     stop: watch::Sender<bool>,
     spec_revision: i64,
-    reload: Option<(u64, i32)>,
+    reload: Option<(u64, i32, u64)>,
 }
 
-/// The reload step a stream of `record` runs with.
-fn reload_step(record: &PipeRecord) -> Option<(u64, i32)> {
+/// The reload step a stream of `record` runs with: generation, phase and boundary.
+fn reload_step(record: &PipeRecord) -> Option<(u64, i32, u64)> {
     record
         .status
         .reload
         .as_ref()
-        .map(|r| (r.generation, r.phase))
+        .map(|r| (r.generation, r.phase, r.start_lsn))
 }
 
 /// Whether the pipe's changes are streamed in its current state: while running, and while

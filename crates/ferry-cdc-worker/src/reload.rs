@@ -35,6 +35,14 @@ impl Reload {
         self.0.as_ref().map(|r| (r.generation, r.phase()))
     }
 
+    /// The reload copying its tables, as a TRUNCATE of one of them needs it.
+    pub(crate) fn copy(&self) -> Option<crate::table::ReloadCopy> {
+        self.0.as_ref().map(|r| crate::table::ReloadCopy {
+            generation: r.generation,
+            visibility: Visibility::parse(&r.visibility),
+        })
+    }
+
     /// Whether the stream must hold its checkpoint and acknowledge it.
     pub(crate) fn holding(&self) -> bool {
         self.0

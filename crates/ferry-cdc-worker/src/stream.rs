@@ -109,6 +109,9 @@ pub async fn run(
                 options,
             );
             batch.reload_from = reload_from;
+            if reload_from.is_some() {
+                batch.reload_copy = reload.copy();
+            }
             // Counters continue where the last stream of this pipe left them.
             if let Some(previous) = record
                 .replication
@@ -345,11 +348,16 @@ async fn apply(
             };
             match tables.get_mut(&oid) {
                 // Before a reload's boundary the table's columns may be older than the ones
-                // the reload recorded; its changes there are not written anyway.
+                // the reload recorded; its changes there are not written anyway. The latest
+                // announcement is kept for its first change after the boundary: pgoutput
+                // announces a relation once per session, not again there.
                 Some(batch)
                     if batch
                         .reload_from
-                        .is_some_and(|from| position.commit_lsn < from) => {}
+                        .is_some_and(|from| position.commit_lsn < from) =>
+                {
+                    batch.pending_relation = Some(data.clone());
+                }
                 Some(batch) => batch.relation(&announced, ctx).await?,
                 None => {
                     // Tables are tracked by oid: another relation under the name of one of
@@ -363,15 +371,24 @@ async fn apply(
             Ok(false)
         }
         Message::Insert { relation, new } => match ours_at(tables, relation, xid, position) {
-            Some(batch) => batch.insert(&new, position, ctx).await.map(|()| true),
+            Some(batch) => {
+                announce_pending(batch, ctx).await?;
+                batch.insert(&new, position, ctx).await.map(|()| true)
+            }
             None => Ok(false),
         },
         Message::Update { relation, old, new } => match ours_at(tables, relation, xid, position) {
-            Some(batch) => batch.update(old, &new, position, ctx).await.map(|()| true),
+            Some(batch) => {
+                announce_pending(batch, ctx).await?;
+                batch.update(old, &new, position, ctx).await.map(|()| true)
+            }
             None => Ok(false),
         },
         Message::Delete { relation, old } => match ours_at(tables, relation, xid, position) {
-            Some(batch) => batch.delete(old, position).map(|()| true),
+            Some(batch) => {
+                announce_pending(batch, ctx).await?;
+                batch.delete(old, position).map(|()| true)
+            }
             None => Ok(false),
         },
         Message::Truncate {
@@ -381,7 +398,7 @@ async fn apply(
             for oid in truncated {
                 if let Some(batch) = ours(tables, oid, xid, position) {
                     // Rows before the TRUNCATE go first; rows after it land after.
-                    batch.truncate(ctx).await?;
+                    batch.truncate(xid, position, ctx).await?;
                     debug!(table = %batch.source_table(), "truncated");
                 }
             }
@@ -389,6 +406,32 @@ async fn apply(
         }
         _ => Ok(false),
     }
+}
+
+/// Applies a relation announcement kept from before a reload's boundary, at the table's first
+/// change after it.
+async fn announce_pending(
+    batch: &mut TableBatch,
+    ctx: &TableContext<'_>,
+) -> Result<(), StreamError> {
+    let Some(data) = batch.pending_relation.take() else {
+        return Ok(());
+    };
+    if let Message::Relation {
+        namespace,
+        name,
+        columns,
+        ..
+    } = pgoutput::decode(&data)?
+    {
+        let announced = Announced {
+            namespace,
+            name,
+            columns: &columns,
+        };
+        batch.relation(&announced, ctx).await?;
+    }
+    Ok(())
 }
 
 /// A row message: counted in the transaction (see [`Position`]), then [`ours`].

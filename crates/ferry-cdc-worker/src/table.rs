@@ -18,7 +18,7 @@ use ferry_clickhouse::version;
 use ferry_postgres::lookup::KeyText;
 use ferry_postgres::pgoutput::{OldTuple, RelationColumn, Tuple, Value};
 use ferry_postgres::snapshot::Visibility;
-use ferry_proto::v1::{AlteredColumn, ColumnSchema, TableChanges, TableSchema};
+use ferry_proto::v1::{AlteredColumn, ColumnSchema, ReloadTruncate, TableChanges, TableSchema};
 use ferry_store::Store;
 use ferry_store::cdc::CdcClaim;
 use tracing::{debug, info};
@@ -74,6 +74,15 @@ impl Position {
     }
 }
 
+/// The reload copying a table, as a TRUNCATE needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct ReloadCopy {
+    /// The reload's generation.
+    pub(crate) generation: u64,
+    /// Its copy's snapshot.
+    pub(crate) visibility: Option<Visibility>,
+}
+
 /// Bytes of filled-in rows written at once.
 const FILL_SLICE_BYTES: usize = 8 << 20;
 
@@ -104,6 +113,11 @@ pub(crate) struct TableBatch {
     /// While the table is reloaded: changes committed before this LSN are in the reload's copy
     /// and are not written (see docs/reload.md).
     pub(crate) reload_from: Option<u64>,
+    /// While the table is reloaded: the reload and its copy's snapshot, for TRUNCATE.
+    pub(crate) reload_copy: Option<ReloadCopy>,
+    /// The table's last Relation message from before the reload's boundary, applied at its
+    /// first change after it.
+    pub(crate) pending_relation: Option<Bytes>,
     /// The stream's columns, as last announced.
     pub(crate) streamed: Vec<Streamed>,
     /// The destination columns inserts name, in destination order, each with its index among
@@ -136,6 +150,8 @@ impl TableBatch {
             keyless,
             snapshot: snapshot.filter(|_| keyless),
             reload_from: None,
+            reload_copy: None,
+            pending_relation: None,
             streamed: Vec::new(),
             written: Vec::new(),
             statement: String::new(),
@@ -465,7 +481,34 @@ impl TableBatch {
     }
 
     /// Empties the destination (a replicated TRUNCATE), after the rows before it.
-    pub(crate) async fn truncate(&mut self, ctx: &TableContext<'_>) -> Result<(), StreamError> {
+    /// A TRUNCATE of transaction `xid`, at `position`. While a reload copies the table, one
+    /// its snapshot already saw is skipped (the copy reflects it); a later one is recorded
+    /// first, so the rows the copy lands after it are deleted once the copy is complete.
+    pub(crate) async fn truncate(
+        &mut self,
+        xid: u32,
+        position: &mut Position,
+        ctx: &TableContext<'_>,
+    ) -> Result<(), StreamError> {
+        position.message();
+        let version = position.next();
+        if let Some(copy) = &self.reload_copy {
+            if copy.visibility.as_ref().is_some_and(|v| v.sees(xid)) {
+                return Ok(());
+            }
+            let record = ReloadTruncate {
+                generation: copy.generation,
+                commit_lsn: u64::try_from(version >> 64).unwrap_or(u64::MAX),
+                position: u64::try_from(version & u128::from(u64::MAX)).unwrap_or(u64::MAX),
+            };
+            if !ctx
+                .store
+                .put_reload_truncate(ctx.claim, &self.source_table, &record)
+                .await?
+            {
+                return Err(StreamError::ClaimLost);
+            }
+        }
         self.write(ctx).await?;
         ctx.sink.truncate(&self.name).await?;
         Ok(())

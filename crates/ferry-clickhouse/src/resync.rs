@@ -17,9 +17,12 @@ pub fn shadow_name(table: &str) -> String {
     format!("{table}{}", crate::teardown::SHADOW_SUFFIX)
 }
 
+/// How every shadow's comment starts.
+const MARKER_PREFIX: &str = "ferry resync of pipe ";
+
 /// The comment that marks the shadow of a reload.
 pub fn marker(pipe: &str, generation: u64) -> String {
-    format!("ferry resync of pipe {pipe}, generation {generation}")
+    format!("{MARKER_PREFIX}{pipe}, generation {generation}")
 }
 
 impl Sink {
@@ -33,6 +36,14 @@ impl Sink {
         marker: &str,
     ) -> Result<(), SinkError> {
         let shadow = shadow_name(table);
+        // A leftover of an earlier resync is replaced; a table of someone else's is not.
+        if let Some(comment) = self.table_comment(&shadow).await?
+            && !comment.starts_with(MARKER_PREFIX)
+        {
+            return Err(SinkError::ShadowTaken {
+                table: format!("{}.{shadow}", self.database()),
+            });
+        }
         self.drop_table(&shadow).await?;
         let sql = ddl::create_table(self.database(), &shadow, schema, options)?;
         let sql = format!(
@@ -73,6 +84,41 @@ impl Sink {
         self.drop_table(&shadow).await
     }
 
+    /// Checks that the database can swap tables atomically: `EXCHANGE TABLES` needs the
+    /// Atomic engine (ClickHouse's default since 20.10) or Replicated.
+    pub async fn check_exchange(&self) -> Result<(), SinkError> {
+        let engine = self
+            .client()
+            .query("SELECT engine FROM system.databases WHERE name = ?")
+            .bind(self.database())
+            .fetch_all::<String>()
+            .await
+            .map_err(|e| self.classify("database lookup", e))?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        if matches!(engine.as_str(), "Atomic" | "Replicated") {
+            Ok(())
+        } else {
+            Err(SinkError::NoExchange {
+                database: self.database().to_owned(),
+                engine,
+            })
+        }
+    }
+
+    /// Deletes every row of `table` below `version`: the rows a TRUNCATE applied during a
+    /// reload's copy removed, and copied rows (version 0) that landed after it.
+    pub async fn delete_below(&self, table: &str, version: u128) -> Result<(), SinkError> {
+        let sql = format!(
+            "ALTER TABLE {}.{} DELETE WHERE {} < {version} SETTINGS mutations_sync = 2",
+            Ident(self.database()),
+            Ident(table),
+            Ident(ddl::VERSION_COLUMN)
+        );
+        self.execute("DELETE of rows before a TRUNCATE", &sql).await
+    }
+
     /// Drops `table` if it exists.
     pub async fn drop_table(&self, table: &str) -> Result<(), SinkError> {
         let sql = format!(
@@ -91,6 +137,11 @@ impl Sink {
             Ident(view)
         );
         self.execute(&format!("DROP VIEW {view}"), &sql).await
+    }
+
+    /// Whether `table` exists.
+    pub async fn table_exists(&self, table: &str) -> Result<bool, SinkError> {
+        Ok(self.table_comment(table).await?.is_some())
     }
 
     /// The comment of `table`, or `None` if it does not exist.

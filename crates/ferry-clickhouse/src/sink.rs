@@ -68,6 +68,20 @@ pub enum SinkError {
         /// The table's type ("missing" when absent).
         found: String,
     },
+    /// A table that is not a resync's shadow has the shadow's name.
+    #[error("{table} exists and is not a shadow table of a Ferry resync")]
+    ShadowTaken {
+        /// database.table.
+        table: String,
+    },
+    /// The database cannot exchange tables atomically.
+    #[error("database {database} has engine {engine:?}, which cannot EXCHANGE TABLES")]
+    NoExchange {
+        /// The database.
+        database: String,
+        /// Its engine.
+        engine: String,
+    },
     /// A resync's shadow table is gone before it was swapped in.
     #[error("the resync shadow table {table} is missing")]
     ShadowMissing {
@@ -86,6 +100,8 @@ impl SinkError {
             Self::Ddl(DdlError::ReservedColumn { .. }) => "rename the source column; Ferry adds columns named _ferry_*".into(),
             Self::Ddl(DdlError::NoColumns { .. }) => "add a column to the table or remove it from the pipe".into(),
             Self::Mismatch { .. } => "drop the existing table so Ferry creates it, or map the source table to another destination_table".into(),
+            Self::ShadowTaken { table } => format!("rename or drop {table} (a resync loads the table into it), then resync again"),
+            Self::NoExchange { .. } => "resync swaps tables with EXCHANGE TABLES: replicate into a database with the Atomic engine (ClickHouse's default), or recreate the pipe".into(),
             Self::ShadowMissing { .. } => "resync the table again (ferry resync <pipe> --table <schema.table>)".into(),
         }
     }

@@ -96,6 +96,11 @@ impl Keys {
         format!("{}stream_hold", self.pipe(pipe))
     }
 
+    /// `pipes/<pipe>/reload_truncates/<schema.table>`: a TRUNCATE applied mid-copy.
+    pub fn reload_truncate(&self, pipe: &str, table: &str) -> String {
+        format!("{}reload_truncates/{table}", self.pipe(pipe))
+    }
+
     /// `pipes/<pipe>/snapshot/<schema.table>/`: the partitions of one table.
     pub fn table_partitions(&self, pipe: &str, table: &str) -> String {
         format!("{}{table}/", self.snapshot_partitions(pipe))

@@ -3,7 +3,9 @@
 //! change a live pipe's spec and status together.
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
-use ferry_proto::v1::{PipeSpec, PipeStatus, SnapshotPartition, StreamHold, TableState};
+use ferry_proto::v1::{
+    PipeSpec, PipeStatus, ReloadTruncate, SnapshotPartition, StreamHold, TableState,
+};
 use prost::Message as _;
 
 use crate::cdc::CdcClaim;
@@ -32,6 +34,49 @@ impl Store {
                 None,
             )]);
         Ok(self.run_txn(txn, false).await?.succeeded())
+    }
+
+    /// Records a TRUNCATE of `table` applied while a reload copies it, while `claim` stands.
+    pub async fn put_reload_truncate(
+        &self,
+        claim: &CdcClaim,
+        table: &str,
+        truncate: &ReloadTruncate,
+    ) -> Result<bool, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::lease(
+                claim.key.clone(),
+                CompareOp::Equal,
+                claim.lease,
+            )])
+            .and_then([TxnOp::put(
+                self.keys().reload_truncate(&claim.pipe, table),
+                truncate.encode_to_vec(),
+                None,
+            )]);
+        Ok(self.run_txn(txn, false).await?.succeeded())
+    }
+
+    /// The TRUNCATE recorded for `table` during a reload, if any.
+    pub async fn reload_truncate(
+        &self,
+        pipe: &str,
+        table: &str,
+    ) -> Result<Option<ReloadTruncate>, StoreError> {
+        let key = self.keys().reload_truncate(pipe, table);
+        let response = self
+            .request(true, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        response
+            .kvs()
+            .first()
+            .map(|kv| {
+                ReloadTruncate::decode(kv.value()).map_err(|e| StoreError::decode(kv.key(), e))
+            })
+            .transpose()
     }
 
     /// What the stream last acknowledged to a reload, if anything.

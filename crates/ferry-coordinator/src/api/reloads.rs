@@ -4,6 +4,7 @@
 
 use std::time::SystemTime;
 
+use ferry_core::PipeState;
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::spec::source_table_name;
 use ferry_proto::v1::{ReloadKind, TableMapping};
@@ -75,6 +76,27 @@ pub(super) fn removed_tables(record: &PipeRecord, named: &[String]) -> Result<Ve
     Ok(tables)
 }
 
+/// The tables a resync of `asked` must reload: a reload that did not finish (a resync whose
+/// tables' changes since its boundary went only into their shadows, tables added but not yet
+/// copied) is taken over, and a pipe that failed before its first snapshot was done is
+/// reloaded whole (its other tables were never copied).
+fn resync_covers(record: &PipeRecord, asked: &[String]) -> Vec<String> {
+    let all: Vec<String> = record.spec.tables.iter().map(source_table_name).collect();
+    let never_ran = record.status.state() == PipeState::Failed
+        && matches!(
+            record.status.previous_state(),
+            PipeState::Provisioning | PipeState::Setup | PipeState::Snapshot
+        )
+        && record.status.reload.is_none();
+    if never_ran {
+        return all;
+    }
+    let unfinished = record.status.reload.iter().flat_map(|r| r.tables.iter());
+    all.into_iter()
+        .filter(|t| asked.contains(t) || unfinished.clone().any(|u| u == t))
+        .collect()
+}
+
 impl PipeApi {
     /// Starts `request` on the pipe: Resync or Modifying, with the reload in its status.
     pub(super) async fn start_reload(
@@ -86,22 +108,25 @@ impl PipeApi {
         for _ in 0..CAS_ATTEMPTS {
             let mut record = self.existing(name).await?;
             // A snapshot paused midway has tables not copied yet: finish it first.
-            if record.status.state() == ferry_core::PipeState::Paused
-                && record.status.paused_from() == ferry_core::PipeState::Snapshot
+            if record.status.state() == PipeState::Paused
+                && record.status.paused_from() == PipeState::Snapshot
             {
                 return Err(Status::failed_precondition(format!(
                     "pipe {name} is in state paused during its snapshot; resume it (ferry resume {name}) and let the snapshot finish first"
                 )));
             }
             let (event, reason) = match &request {
-                Request::Resync(tables) => (
-                    PipeEvent::ResyncRequested,
-                    if tables.len() == record.spec.tables.len() {
-                        "ResyncPipe requested: reloading every table".to_owned()
-                    } else {
-                        format!("ResyncPipe requested: reloading {}", tables.join(", "))
-                    },
-                ),
+                Request::Resync(tables) => {
+                    let tables = resync_covers(&record, tables);
+                    (
+                        PipeEvent::ResyncRequested,
+                        if tables.len() == record.spec.tables.len() {
+                            "ResyncPipe requested: reloading every table".to_owned()
+                        } else {
+                            format!("ResyncPipe requested: reloading {}", tables.join(", "))
+                        },
+                    )
+                }
                 Request::Add(added) => (
                     PipeEvent::ModifyRequested,
                     format!(
@@ -130,13 +155,11 @@ impl PipeApi {
             let previous = record.status.reload.as_ref();
             let mut spec = record.spec.clone();
             status.reload = Some(match &request {
-                Request::Resync(tables) => new_reload(
-                    previous,
-                    ReloadKind::Resync,
-                    tables.clone(),
-                    tables.len() == record.spec.tables.len(),
-                    false,
-                ),
+                Request::Resync(tables) => {
+                    let tables = resync_covers(&record, tables);
+                    let whole = tables.len() == record.spec.tables.len();
+                    new_reload(previous, ReloadKind::Resync, tables, whole, false)
+                }
                 Request::Add(added) => {
                     spec.tables.extend(added.iter().cloned());
                     new_reload(

@@ -98,6 +98,10 @@ async fn swap_tables(
         let Some(m) = mapping(&record.spec, table) else {
             continue;
         };
+        let shadow = shadow_name(&m.destination_table);
+        if sink.table_exists(&shadow).await? {
+            super::truncated_during_copy(ctx, name, reload, table, &sink, &shadow).await?;
+        }
         sink.swap_in(&m.destination_table, &mark).await?;
         if let Some(schema) = ctx
             .store

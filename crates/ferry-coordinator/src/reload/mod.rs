@@ -140,7 +140,8 @@ async fn copying(
         return fail(ctx, record, "reload failed", error).await;
     }
     let progress = table_progress(&record.spec, &plan);
-    let finished = !mine.is_empty() && mine.iter().all(|p| p.done);
+    // (A partitioned table without leaves has no partition: nothing to copy.)
+    let finished = mine.iter().all(|p| p.done);
     if finished {
         tasks.stop(name, Job::Reload);
         return copied(ctx, record, reload, progress).await;
@@ -190,6 +191,36 @@ async fn copied(
             info!(pipe = %name, generation = reload.generation, "reload copied; swapping");
         }
         _ => {
+            // Rows the copy landed after a TRUNCATE the stream applied meanwhile go.
+            let emptied = async {
+                let secrets = crate::setup::open_secrets(&ctx.store, &ctx.key, name).await?;
+                let sink = ferry_clickhouse::sink::Sink::new(
+                    &record.spec.destination.clone().unwrap_or_default(),
+                    &secrets.destination_password,
+                );
+                for table in &reload.tables {
+                    if let Some(m) = mapping(&record.spec, table) {
+                        truncated_during_copy(
+                            ctx,
+                            name,
+                            reload,
+                            table,
+                            &sink,
+                            &m.destination_table,
+                        )
+                        .await?;
+                    }
+                }
+                Ok::<_, crate::setup::SetupProblem>(())
+            };
+            match emptied.await {
+                Ok(()) => {}
+                Err(crate::setup::SetupProblem::Store(error)) => return Err(error),
+                Err(problem) => {
+                    warn!(pipe = %name, error = %ferry_server::telemetry::error_chain(&problem), "cannot clear rows before a TRUNCATE yet; retrying");
+                    return Ok(());
+                }
+            }
             let rows: u64 = status
                 .tables
                 .iter()
@@ -217,6 +248,26 @@ async fn copied(
             ctx.store.delete_exported_snapshot(&ctx.fence, name).await?;
             info!(pipe = %name, "added tables copied");
         }
+    }
+    Ok(())
+}
+
+/// Deletes the rows of `target` (the table of reloaded `table`) below a TRUNCATE the stream
+/// applied while this reload copied it: the copy's rows that landed after it.
+pub(crate) async fn truncated_during_copy(
+    ctx: &SetupContext,
+    pipe: &str,
+    reload: &TableReload,
+    table: &str,
+    sink: &ferry_clickhouse::sink::Sink,
+    target: &str,
+) -> Result<(), crate::setup::SetupProblem> {
+    if let Some(truncate) = ctx.store.reload_truncate(pipe, table).await?
+        && truncate.generation == reload.generation
+    {
+        let version = (u128::from(truncate.commit_lsn) << 64) | u128::from(truncate.position);
+        sink.delete_below(target, version).await?;
+        info!(pipe = %pipe, table = %table, "rows copied before a TRUNCATE during the copy deleted");
     }
     Ok(())
 }

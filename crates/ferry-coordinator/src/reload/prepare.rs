@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime};
 use ferry_clickhouse::resync::{marker, shadow_name};
 use ferry_clickhouse::sink::Sink;
 use ferry_clickhouse::types::MappingOptions;
-use ferry_core::PipeMode;
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::spec::source_table_name;
+use ferry_core::{PipeMode, PipeState};
 use ferry_postgres::{connection, replication, schema, snapshot, validate};
 use ferry_proto::v1::{
     ExportedSnapshot, ReloadKind, ReloadPhase, SnapshotPartition, SourceResources, TableReload,
@@ -37,10 +37,18 @@ const HOLDER_CHECK: Duration = Duration::from_secs(2);
 
 /// Runs the Holding phase of the pipe's reload, then holds the copy's snapshot.
 pub(super) async fn run(ctx: SetupContext, record: PipeRecord) -> Result<(), StoreError> {
+    let name = record.spec.name.clone();
+    // Run (or run again after an error) from the pipe as it is now, not as it was when the
+    // job was started: the reload may have moved on meanwhile.
+    let Some(record) = ctx.store.get_pipe(&name).await? else {
+        return Ok(());
+    };
     let Some(reload) = record.status.reload.clone() else {
         return Ok(());
     };
-    let name = record.spec.name.clone();
+    if reload.phase() == ReloadPhase::Swapping {
+        return Ok(());
+    }
     if reload.phase() == ReloadPhase::Copying {
         // Taken over mid-copy: the snapshot the copy was read under is gone with its holder.
         return start_over(&ctx, &name, &reload, "the copy's snapshot was lost").await;
@@ -89,6 +97,14 @@ async fn refuse(
     problem: &SetupProblem,
 ) -> Result<(), StoreError> {
     let name = &record.spec.name;
+    // Written against the pipe as it is now (waiting for the stream rewrote the reason).
+    let Some(current) = ctx.store.get_pipe(name).await? else {
+        return Ok(());
+    };
+    if current.status.reload.as_ref().map(|r| r.generation) != Some(reload.generation) {
+        return Ok(());
+    }
+    let record = &current;
     let mut error = problem.to_pipe_error();
     warn!(pipe = %name, error = %error.message, "reload refused");
     if reload.kind() != ReloadKind::Add {
@@ -104,12 +120,18 @@ async fn refuse(
         "tables not added: {} ({}); the pipe continues with its other tables",
         error.message, error.remedy
     );
+    // Refused while preparing (Modifying), or when a copy started over (Snapshot).
+    let event = if record.status.state() == PipeState::Snapshot {
+        PipeEvent::SnapshotDone
+    } else {
+        PipeEvent::ModifyDone {
+            needs_snapshot: false,
+        }
+    };
     let Ok(mut status) = lifecycle::apply(
         &record.status,
         record.spec.mode(),
-        PipeEvent::ModifyDone {
-            needs_snapshot: false,
-        },
+        event,
         reason,
         None,
         SystemTime::now(),
@@ -397,6 +419,9 @@ async fn prepare_tables(
     let options = MappingOptions::for_pipe(&settings, Some(&limits));
     let mark = marker(name, reload.generation);
     sink.create_database().await?;
+    if reload.kind() == ReloadKind::Resync {
+        sink.check_exchange().await?;
+    }
     let mut states = Vec::new();
     for (index, m) in spec.tables.iter().enumerate() {
         let table = source_table_name(m);
@@ -425,8 +450,14 @@ async fn prepare_tables(
             sink.create_shadow(&m.destination_table, &described, options, &mark)
                 .await?;
         } else {
+            // Recorded already: created by an earlier generation of this reload, whose copy
+            // was under another snapshot. Emptied, so no row of that copy survives.
+            let ours = ctx.store.table_state(name, &table).await?.is_some();
+            if ours {
+                sink.truncate(&m.destination_table).await?;
+            }
             let existing = sink.row_count(&m.destination_table).await?;
-            if let Some(rows @ 1..) = existing
+            if let Some(rows @ 1..) = existing.filter(|_| !ours)
                 && settings.allow_non_empty_destination != Some(true)
             {
                 return Err(SetupProblem::NotEmpty {
