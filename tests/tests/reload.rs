@@ -149,7 +149,6 @@ async fn a_table_resync_restores_deleted_rows_while_the_other_tables_keep_stream
     stack.create(spec).await;
     let stop = Arc::new(AtomicBool::new(false));
     let writer = workload(&stack, Arc::clone(&stop)).await;
-    stack.converge(ITEMS_PG, ITEMS_CH).await;
 
     // Rows lost in ClickHouse behind Ferry's back: a third of items. The keyless bag and
     // ticks keep streaming through the resync; bag shares every transaction with items, so a
