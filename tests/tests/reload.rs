@@ -816,3 +816,87 @@ async fn a_truncate_while_the_resync_copies_leaves_no_copied_row_behind() {
     stack.converge(ITEMS_PG, ITEMS_CH).await;
     stack.converge(BAG_PG, BAG_CH).await;
 }
+
+#[tokio::test]
+async fn an_added_table_that_cannot_be_replicated_is_refused_and_the_pipe_keeps_streaming() {
+    let stack = Stack::start(
+        "CREATE TABLE ticks (id serial PRIMARY KEY, v int);
+         CREATE TABLE loose (a int, b text);
+         INSERT INTO loose VALUES (1, 'x');",
+    )
+    .await;
+    stack
+        .create(stack.spec("picky", &["ticks"], PipeMode::SnapshotAndCdc))
+        .await;
+    stack
+        .client
+        .clone()
+        .add_tables(AddTablesRequest {
+            name: "picky".into(),
+            tables: vec![TableMapping {
+                source_table: "loose".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    // No key and no replica identity: refused, named, with what to run; nothing else changes.
+    let refused = wait::until(WITHIN, || async {
+        let pipe = stack.pipe("picky").await?;
+        let status = pipe.status.clone()?;
+        (status.state() == PipeState::Running && status.reason.contains("tables not added"))
+            .then_some(pipe)
+    })
+    .await
+    .unwrap_or_else(|| panic!("not refused"));
+    let status = refused.status.unwrap();
+    assert!(status.reason.contains("public.loose"), "{}", status.reason);
+    assert!(
+        status.reason.contains("REPLICA IDENTITY"),
+        "{}",
+        status.reason
+    );
+    assert!(status.reload.is_none());
+    assert!(
+        !refused
+            .spec
+            .unwrap()
+            .tables
+            .iter()
+            .any(|t| t.source_table == "loose")
+    );
+    stack
+        .db
+        .batch_execute("INSERT INTO ticks (v) VALUES (1), (2);")
+        .await
+        .unwrap();
+    stack.converge(TICKS_PG, TICKS_CH).await;
+}
+
+#[tokio::test]
+async fn a_completed_snapshot_only_pipe_is_resynced_to_completed_with_the_current_rows() {
+    let stack = Stack::start(
+        "CREATE TABLE ticks (id serial PRIMARY KEY, v int);
+         INSERT INTO ticks (v) SELECT g FROM generate_series(1, 500) g;",
+    )
+    .await;
+    stack
+        .create(stack.spec("once", &["ticks"], PipeMode::SnapshotOnly))
+        .await;
+    stack
+        .db
+        .batch_execute("DELETE FROM ticks WHERE id <= 100; UPDATE ticks SET v = -v WHERE id > 450;")
+        .await
+        .unwrap();
+    stack
+        .client
+        .clone()
+        .resync_pipe(ResyncPipeRequest {
+            name: "once".into(),
+            tables: vec![],
+        })
+        .await
+        .unwrap();
+    stack.wait_state("once", PipeState::Completed).await;
+    stack.converge(TICKS_PG, TICKS_CH).await;
+}

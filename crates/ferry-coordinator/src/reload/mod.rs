@@ -139,6 +139,18 @@ async fn copying(
         tasks.stop(name, Job::Reload);
         return fail(ctx, record, "reload failed", error).await;
     }
+    if streams(&record.spec) && slot_lost(ctx, name, reload).await? {
+        // The stream cannot carry the tables' changes from the boundary any more: start over
+        // (the Holding phase makes the slot anew, for every table).
+        tasks.stop(name, Job::Reload);
+        return prepare::start_over(
+            ctx,
+            name,
+            reload,
+            "the replication slot is gone or invalidated",
+        )
+        .await;
+    }
     let progress = table_progress(&record.spec, &plan);
     // (A partitioned table without leaves has no partition: nothing to copy.)
     let finished = mine.iter().all(|p| p.done);
@@ -183,6 +195,7 @@ async fn copied(
         ReloadKind::Resync => {
             let mut next = reload.clone();
             next.set_phase(ReloadPhase::Swapping);
+            next.phase_since = Some(SystemTime::now().into());
             status.reload = Some(next);
             status.reason = format!("{} table(s) copied; swapping them in", reload.tables.len());
             ctx.store
@@ -272,6 +285,20 @@ pub(crate) async fn truncated_during_copy(
     Ok(())
 }
 
+/// Whether a check of the slot made since the reload entered its phase found it gone or
+/// invalidated (an older check may predate the slot the reload made anew).
+pub(crate) async fn slot_lost(
+    ctx: &SetupContext,
+    pipe: &str,
+    reload: &TableReload,
+) -> Result<bool, StoreError> {
+    let since = reload.phase_since.map_or(0, |t| t.seconds);
+    Ok(ctx.store.slot_health(pipe).await?.is_some_and(|slot| {
+        slot.checked_at.is_some_and(|t| t.seconds > since)
+            && (!slot.exists || slot.wal_status == "lost")
+    }))
+}
+
 /// Moves the pipe to Failed with `error`.
 pub(crate) async fn fail(
     ctx: &SetupContext,
@@ -348,6 +375,26 @@ pub(crate) async fn wait_for_hold(
             && hold.phase() == phase
         {
             return Ok(true);
+        }
+        let current = ctx
+            .store
+            .get_pipe(pipe)
+            .await?
+            .and_then(|record| record.status.reload)
+            .filter(|r| r.generation == generation);
+        if phase == ReloadPhase::Swapping
+            && let Some(reload) = current
+            && slot_lost(ctx, pipe, &reload).await?
+        {
+            // The stream cannot start to hold: copy again on a new slot.
+            prepare::start_over(
+                ctx,
+                pipe,
+                &reload,
+                "the replication slot is gone or invalidated",
+            )
+            .await?;
+            return Ok(false);
         }
         if !shown {
             let moved_on = !update(ctx, pipe, generation, |_, status| {

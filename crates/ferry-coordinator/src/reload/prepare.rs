@@ -164,7 +164,7 @@ async fn refuse(
 }
 
 /// Starts the reload over as the next generation (Holding again).
-async fn start_over(
+pub(super) async fn start_over(
     ctx: &SetupContext,
     pipe: &str,
     reload: &TableReload,
@@ -371,6 +371,7 @@ async fn prepare(
         }
         if let Some(r) = status.reload.as_mut() {
             r.set_phase(ReloadPhase::Copying);
+            r.phase_since = Some(SystemTime::now().into());
             r.start_lsn = start_lsn;
             r.visibility.clone_from(&visible);
         }
