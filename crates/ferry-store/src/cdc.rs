@@ -180,7 +180,8 @@ impl Store {
             .transpose()
     }
 
-    async fn put_claimed(
+    /// Writes `key` only while `claim` stands. Returns false if the claim is lost.
+    pub(crate) async fn put_claimed(
         &self,
         claim: &CdcClaim,
         key: String,

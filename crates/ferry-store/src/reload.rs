@@ -2,7 +2,7 @@
 //! that it holds, the per-table plan that replaces a table's partitions, and the writes that
 //! change a live pipe's spec and status together.
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
 use ferry_proto::v1::{
     PipeSpec, PipeStatus, ReloadTruncate, SnapshotPartition, StreamHold, TableState,
 };
@@ -22,18 +22,8 @@ impl Store {
         claim: &CdcClaim,
         hold: &StreamHold,
     ) -> Result<bool, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::lease(
-                claim.key.clone(),
-                CompareOp::Equal,
-                claim.lease,
-            )])
-            .and_then([TxnOp::put(
-                self.keys().stream_hold(&claim.pipe),
-                hold.encode_to_vec(),
-                None,
-            )]);
-        Ok(self.run_txn(txn, false).await?.succeeded())
+        let key = self.keys().stream_hold(&claim.pipe);
+        self.put_claimed(claim, key, hold.encode_to_vec()).await
     }
 
     /// Records a TRUNCATE of `table` applied while a reload copies it, while `claim` stands.
@@ -43,18 +33,8 @@ impl Store {
         table: &str,
         truncate: &ReloadTruncate,
     ) -> Result<bool, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::lease(
-                claim.key.clone(),
-                CompareOp::Equal,
-                claim.lease,
-            )])
-            .and_then([TxnOp::put(
-                self.keys().reload_truncate(&claim.pipe, table),
-                truncate.encode_to_vec(),
-                None,
-            )]);
-        Ok(self.run_txn(txn, false).await?.succeeded())
+        let key = self.keys().reload_truncate(&claim.pipe, table);
+        self.put_claimed(claim, key, truncate.encode_to_vec()).await
     }
 
     /// The TRUNCATE recorded for `table` during a reload, if any.
@@ -63,36 +43,12 @@ impl Store {
         pipe: &str,
         table: &str,
     ) -> Result<Option<ReloadTruncate>, StoreError> {
-        let key = self.keys().reload_truncate(pipe, table);
-        let response = self
-            .request(true, |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
-        response
-            .kvs()
-            .first()
-            .map(|kv| {
-                ReloadTruncate::decode(kv.value()).map_err(|e| StoreError::decode(kv.key(), e))
-            })
-            .transpose()
+        self.get_one(self.keys().reload_truncate(pipe, table)).await
     }
 
     /// What the stream last acknowledged to a reload, if anything.
     pub async fn stream_hold(&self, pipe: &str) -> Result<Option<StreamHold>, StoreError> {
-        let key = self.keys().stream_hold(pipe);
-        let response = self
-            .request(true, |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
-        response
-            .kvs()
-            .first()
-            .map(|kv| StreamHold::decode(kv.value()).map_err(|e| StoreError::decode(kv.key(), e)))
-            .transpose()
+        self.get_one(self.keys().stream_hold(pipe)).await
     }
 
     /// Forgets the stream's reported error (a resync starts it again) and, with
@@ -229,17 +185,6 @@ impl Store {
         pipe: &str,
         table: &str,
     ) -> Result<Option<TableState>, StoreError> {
-        let key = self.keys().pipe_table(pipe, table);
-        let response = self
-            .request(true, |mut c| {
-                let key = key.clone();
-                async move { c.get(key, Some(GetOptions::new())).await }
-            })
-            .await?;
-        response
-            .kvs()
-            .first()
-            .map(|kv| TableState::decode(kv.value()).map_err(|e| StoreError::decode(kv.key(), e)))
-            .transpose()
+        self.get_one(self.keys().pipe_table(pipe, table)).await
     }
 }

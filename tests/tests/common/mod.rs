@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod reload;
 pub mod stack;
 
 use clickhouse::Client;
