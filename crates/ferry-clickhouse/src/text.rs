@@ -307,7 +307,7 @@ fn array(element: &ValueKind, s: &str, out: &mut Vec<u8>) -> Result<(), String> 
 }
 
 #[cfg(test)]
-mod proptests;
+pub(crate) mod proptests;
 
 #[cfg(test)]
 mod tests {

@@ -34,7 +34,7 @@ fn scalar_kind() -> impl Strategy<Value = ValueKind> {
     ]
 }
 
-fn value_kind() -> impl Strategy<Value = ValueKind> {
+pub(crate) fn value_kind() -> impl Strategy<Value = ValueKind> {
     prop_oneof![
         3 => scalar_kind(),
         1 => scalar_kind().prop_map(|k| ValueKind::Array(Box::new(k))),
@@ -85,9 +85,9 @@ fn timestamp() -> impl Strategy<Value = String> {
     )
 }
 
-/// Strings that reach past the first check of each parser: numbers of any length (overflow),
+/// Strings (for the parsers here and the transcoder) that reach past the first check of each parser: numbers of any length (overflow),
 /// dates, times, zones, eras, numerics, hex, uuids, array literals; and arbitrary text.
-fn text() -> impl Strategy<Value = String> {
+pub(crate) fn text() -> impl Strategy<Value = String> {
     prop_oneof![
         any::<String>(),
         r#"[-+0-9.:eE \\xa-fA-FBCNaIinfty{}",\[\]=]{0,40}"#,

@@ -457,7 +457,7 @@ fn check_tuples(message: &Message<'_>) {
     };
     for t in tuples {
         assert_eq!(t.values().count(), t.len());
-        assert_eq!(t.is_empty(), t.len() == 0);
+        assert_eq!(t.is_empty(), t.values().next().is_none());
     }
 }
 
