@@ -4,7 +4,7 @@
 //! DESIGN.md §5 says so) and as exactly the bytes sent.
 //!
 //! The ClickHouse test runs a few cases of 64 rows by default (`FERRY_CLICKHOUSE_ROUND_TRIPS`
-//! sets how many); the in-memory one follows `PROPTEST_CASES` (see the README's "Fuzzing").
+//! sets how many); the in-memory one runs 1024 cases, or `PROPTEST_CASES` (see the README's "Fuzzing").
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -94,8 +94,21 @@ fn options(limits: Option<&ferry_proto::v1::DestinationLimits>) -> MappingOption
     MappingOptions::for_pipe(&PipeSettings::default(), limits)
 }
 
+/// 1024 cases, unless `PROPTEST_CASES` asks for another number.
+fn in_memory_config() -> Config {
+    let config = Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_some() {
+        config
+    } else {
+        Config {
+            cases: 1024,
+            ..config
+        }
+    }
+}
+
 proptest! {
-    #![proptest_config(Config { max_shrink_iters: 2048, ..Config::default() })]
+    #![proptest_config(in_memory_config())]
 
     /// Every generated row's text form (logical replication in text mode) transcodes to
     /// the same bytes as its binary form (COPY binary), with the same values altered; and

@@ -1,7 +1,7 @@
 //! Property tests of reading RowBinary back: arbitrary bytes never make [`RowSplitter`] or
 //! [`render`] panic, and a prefix of a row that splits is incomplete, never an error.
 //!
-//! `PROPTEST_CASES` raises the number of cases (see the README's "Fuzzing").
+//! 2048 cases a test; `PROPTEST_CASES` sets another number (see the README's "Fuzzing").
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -20,6 +20,8 @@ fn shape() -> impl Strategy<Value = Shape> {
 }
 
 proptest! {
+    #![proptest_config(crate::proptest_config(2048))]
+
     #[test]
     fn splitting_arbitrary_bytes_never_panics(
         shapes in vec(shape(), 0..6),

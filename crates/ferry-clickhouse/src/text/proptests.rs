@@ -2,7 +2,7 @@
 //! value kind; and arrays printed the way Postgres's `array_out` prints them parse back to
 //! their elements.
 //!
-//! `PROPTEST_CASES` raises the number of cases (see the README's "Fuzzing").
+//! 2048 cases a test; `PROPTEST_CASES` sets another number (see the README's "Fuzzing").
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -186,6 +186,8 @@ fn element() -> impl Strategy<Value = String> {
 }
 
 proptest! {
+    #![proptest_config(crate::proptest_config(2048))]
+
     #[test]
     fn arbitrary_text_never_panics(kind in value_kind(), text in text()) {
         let mut out = vec![7u8; 3];

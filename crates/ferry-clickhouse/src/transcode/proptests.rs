@@ -3,7 +3,7 @@
 //! whatever row it accepts is RowBinary that [`RowSplitter`] splits exactly and
 //! [`render`] shows, as verification reads it back.
 //!
-//! `PROPTEST_CASES` raises the number of cases (see the README's "Fuzzing").
+//! 1024 cases a test; `PROPTEST_CASES` sets another number (see the README's "Fuzzing").
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -186,6 +186,8 @@ fn check_row(columns: &[ColumnSchema], options: MappingOptions, out: &[u8]) {
 }
 
 proptest! {
+    #![proptest_config(crate::proptest_config(1024))]
+
     #[test]
     fn arbitrary_binary_values_never_panic(
         columns in vec(column(), 1..5),

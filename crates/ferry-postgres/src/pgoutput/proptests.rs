@@ -2,7 +2,7 @@
 //! Postgres sends them decode back to the model, and no input (random, or a valid message cut
 //! short or corrupted) makes it panic.
 //!
-//! `PROPTEST_CASES` raises the number of cases (see the README's "Fuzzing").
+//! 2048 cases a test; `PROPTEST_CASES` sets another number (see the README's "Fuzzing").
 
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -497,6 +497,8 @@ fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
 }
 
 proptest! {
+    #![proptest_config(crate::proptest_config(2048))]
+
     #[test]
     fn generated_messages_decode_to_what_was_encoded(msg in message()) {
         let bytes = encode(&msg);
