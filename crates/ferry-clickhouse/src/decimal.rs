@@ -150,10 +150,10 @@ pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Numeric, Strin
         limbs: [0; 4],
         negative,
     };
-    // Decimal digits are taken one by one down to the scale's last; the digit after it alone
-    // decides rounding (half away from zero), and digits below it cannot change the result.
-    // Whole base-10000 groups would not do: the group holding the scale's last digit can
-    // carry three more, and 76 digits and three more overflow 256 bits.
+    // Digits are taken down to the scale's last; the digit after it alone decides rounding
+    // (half away from zero), and digits below it cannot change the result. The group that
+    // holds the scale's last digit is taken digit by digit: whole, it can carry three digits
+    // more, and 76 digits and three more overflow 256 bits.
     let lowest = -i64::from(scale);
     let mut last = None; // the exponent of the last digit taken
     let mut rounding = 0;
@@ -164,6 +164,14 @@ pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Numeric, Strin
         }
         let top = 4 * (weight - i as i64) + 3;
         if top < lowest - 1 {
+            continue;
+        }
+        if top - 3 >= lowest {
+            // The whole group is kept: one step instead of four.
+            if value.mul_add(10_000, u64::from(digit)).is_err() {
+                return Ok(Numeric::TooLarge { negative });
+            }
+            last = Some(top - 3);
             continue;
         }
         for (exponent, divisor) in (top - 3..=top).rev().zip([1000, 100, 10, 1]) {
@@ -193,6 +201,9 @@ pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Numeric, Strin
     }
     Ok(Numeric::Value(value))
 }
+
+#[cfg(test)]
+mod proptests;
 
 #[cfg(test)]
 mod tests {
