@@ -28,17 +28,6 @@ impl I256 {
         Ok(())
     }
 
-    /// Divides the magnitude in place; returns the remainder.
-    fn div_rem(&mut self, divisor: u64) -> u64 {
-        let mut remainder: u128 = 0;
-        for limb in self.limbs.iter_mut().rev() {
-            let current = (remainder << 64) | u128::from(*limb);
-            *limb = (current / u128::from(divisor)) as u64;
-            remainder = current % u128::from(divisor);
-        }
-        remainder as u64
-    }
-
     /// ±(10^`digits` − 1): the largest magnitude of a Decimal of `digits` digits (≤ 76).
     pub(crate) fn all_nines(digits: u32, negative: bool) -> Self {
         let mut value = Self {
@@ -161,46 +150,60 @@ pub(crate) fn from_pg_numeric(bytes: &[u8], scale: u32) -> Result<Numeric, Strin
         limbs: [0; 4],
         negative,
     };
-    // Digits wholly below the first decimal digit dropped by rounding cannot change the
-    // result (rounding looks at that digit only): skip them, so long fractions still fit.
-    let mut used = 0;
+    // Digits are taken down to the scale's last; the digit after it alone decides rounding
+    // (half away from zero), and digits below it cannot change the result. The group that
+    // holds the scale's last digit is taken digit by digit: whole, it can carry three digits
+    // more, and 76 digits and three more overflow 256 bits.
+    let lowest = -i64::from(scale);
+    let mut last = None; // the exponent of the last digit taken
+    let mut rounding = 0;
     for i in 0..ndigits {
         let digit = word(4 + i)?;
         if digit >= 10_000 {
             return Err(format!("bad numeric digit {digit}"));
         }
-        if 4 * (weight - i as i64) + 3 < -(i64::from(scale) + 1) {
+        let top = 4 * (weight - i as i64) + 3;
+        if top < lowest - 1 {
             continue;
         }
-        if value.mul_add(10_000, u64::from(digit)).is_err() {
-            return Ok(Numeric::TooLarge { negative });
+        if top - 3 >= lowest {
+            // The whole group is kept: one step instead of four.
+            if value.mul_add(10_000, u64::from(digit)).is_err() {
+                return Ok(Numeric::TooLarge { negative });
+            }
+            last = Some(top - 3);
+            continue;
         }
-        used += 1;
-    }
-    // value = digits × 10000^(weight - used + 1); we want it × 10^scale.
-    let exponent = 4 * (weight - used as i64 + 1) + i64::from(scale);
-    if exponent >= 0 {
-        if !value.is_zero() {
-            for _ in 0..exponent {
-                if value.mul_add(10, 0).is_err() {
+        for (exponent, divisor) in (top - 3..=top).rev().zip([1000, 100, 10, 1]) {
+            let decimal = u64::from(digit / divisor % 10);
+            if exponent >= lowest {
+                if value.mul_add(10, decimal).is_err() {
                     return Ok(Numeric::TooLarge { negative });
                 }
+                last = Some(exponent);
+            } else if exponent == lowest - 1 {
+                rounding = decimal;
             }
         }
-    } else {
-        // The last division drops the most significant of the dropped digits, which alone
-        // decides rounding half away from zero. 256 bits hold fewer than 80 digits, so more
-        // divisions would only drop zeros.
-        let mut remainder = 0;
-        for _ in 0..(-exponent).min(80) {
-            remainder = value.div_rem(10);
+    }
+    // value = digits × 10^last; we want it × 10^scale.
+    if let Some(last) = last
+        && !value.is_zero()
+    {
+        for _ in 0..last - lowest {
+            if value.mul_add(10, 0).is_err() {
+                return Ok(Numeric::TooLarge { negative });
+            }
         }
-        if remainder >= 5 && value.mul_add(1, 1).is_err() {
-            return Ok(Numeric::TooLarge { negative });
-        }
+    }
+    if rounding >= 5 && value.mul_add(1, 1).is_err() {
+        return Ok(Numeric::TooLarge { negative });
     }
     Ok(Numeric::Value(value))
 }
+
+#[cfg(test)]
+mod proptests;
 
 #[cfg(test)]
 mod tests {
@@ -298,6 +301,26 @@ mod tests {
             expected
         );
         assert!(v.has_at_most_digits(39) && !v.has_at_most_digits(38));
+    }
+
+    /// Found by the property test: 38 integer and 37 fractional digits fit Decimal(76, 38),
+    /// but the last base-10000 group carries three digits more, and accumulating whole groups
+    /// overflowed 256 bits ("too many integer digits").
+    #[test]
+    fn a_full_decimal_76_38_is_a_value() {
+        let (int, frac) = ("9".repeat(38), "9".repeat(37));
+        let full = value(&pg(&format!("{int}.{frac}")), 38);
+        assert_eq!(full, value(&pg(&format!("{int}{frac}0")), 0));
+        assert!(full.has_at_most_digits(76));
+        // Rounding at the scale still looks at the first digit dropped.
+        let text = format!("{int}.{}5", "9".repeat(37));
+        assert_eq!(
+            value(&pg(&text), 37),
+            value(&pg(&format!("1{}", "0".repeat(75))), 0)
+        );
+        assert_eq!(scaled("0.5", 0), 1);
+        assert_eq!(scaled("-0.49", 0), 0);
+        assert_eq!(scaled("0.00005", 4), 1);
     }
 
     #[test]

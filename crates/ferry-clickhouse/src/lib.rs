@@ -23,3 +23,15 @@ mod text;
 pub mod transcode;
 pub mod types;
 pub mod version;
+
+/// The config of a property test: `cases` cases, unless `PROPTEST_CASES` asks for another
+/// number (a long run; see the README's "Fuzzing").
+#[cfg(test)]
+fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    let config = proptest::test_runner::Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_some() {
+        config
+    } else {
+        proptest::test_runner::Config { cases, ..config }
+    }
+}

@@ -362,6 +362,9 @@ fn decimal_text(raw: &[u8], scale: u32) -> String {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::transcode::RowTranscoder;

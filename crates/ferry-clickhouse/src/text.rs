@@ -77,6 +77,9 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The largest year [`days_since_2000`] takes.
+const MAX_YEAR: i64 = 1_000_000_000;
+
 /// Splits a trailing " BC" off, returning whether it was there.
 fn era(s: &str) -> (&str, bool) {
     match s.strip_suffix(" BC") {
@@ -106,6 +109,11 @@ fn days_since_2000(s: &str, bc: bool) -> Result<i64, String> {
     let (y, m, d): (i64, i64, i64) = (parse(y)?, parse(m)?, parse(d)?);
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return Err(format!("not a date: {s:?}"));
+    }
+    // Postgres prints no year beyond 5874897 (date's limit); a bound far above it keeps
+    // the calendar arithmetic below inside i64 for any text.
+    if !(0..=MAX_YEAR).contains(&y) {
+        return Err(format!("date out of range: {s:?}"));
     }
     let year = if bc { 1 - y } else { y };
     Ok(days_from_civil(year, m, d) - days_from_civil(2000, 1, 1))
@@ -141,7 +149,9 @@ fn timestamp(s: &str) -> Result<i64, String> {
     } else {
         parse::<i64>(fraction)? * 10_i64.pow(6 - fraction.len() as u32)
     };
-    let seconds = parse::<i64>(h)? * 3600 + parse::<i64>(m)? * 60 + parse::<i64>(whole)?;
+    let out_of_range = || format!("timestamp out of range: {s:?}");
+    // Checked throughout: the fields are parsed as they come, so any of them can be huge.
+    let seconds = clock_seconds(parse(h)?, parse(m)?, parse(whole)?).ok_or_else(out_of_range)?;
     let mut offset_seconds = 0;
     if let Some(offset) = offset {
         let sign = if offset.starts_with('-') { -1 } else { 1 };
@@ -149,11 +159,23 @@ fn timestamp(s: &str) -> Result<i64, String> {
         let hours: i64 = parse(fields.next().unwrap_or("0"))?;
         let minutes: i64 = fields.next().map(parse).transpose()?.unwrap_or(0);
         let secs: i64 = fields.next().map(parse).transpose()?.unwrap_or(0);
-        offset_seconds = sign * (hours * 3600 + minutes * 60 + secs);
+        offset_seconds = clock_seconds(hours, minutes, secs)
+            .and_then(|o| o.checked_mul(sign))
+            .ok_or_else(out_of_range)?;
     }
-    days.checked_mul(86_400_000_000)
-        .and_then(|d| d.checked_add((seconds - offset_seconds) * 1_000_000 + micros_fraction))
-        .ok_or_else(|| format!("timestamp out of range: {s:?}"))
+    seconds
+        .checked_sub(offset_seconds)
+        .and_then(|s| s.checked_mul(1_000_000))
+        .and_then(|s| s.checked_add(micros_fraction))
+        .and_then(|micros| days.checked_mul(86_400_000_000)?.checked_add(micros))
+        .ok_or_else(out_of_range)
+}
+
+/// `h:m:s` in seconds, or `None` if it overflows.
+fn clock_seconds(h: i64, m: i64, s: i64) -> Option<i64> {
+    h.checked_mul(3600)?
+        .checked_add(m.checked_mul(60)?)?
+        .checked_add(s)
 }
 
 /// Decimal text (or NaN / ±Infinity) as Postgres's binary numeric.
@@ -247,7 +269,10 @@ fn array(element: &ValueKind, s: &str, out: &mut Vec<u8>) -> Result<(), String> 
                     value.push(c);
                     chars.next();
                 }
-                let value = value.trim();
+                // Postgres quotes an element only for ASCII white space (`array_isspace`),
+                // so any other space at its ends (U+00A0, U+2003, ...) is part of the value.
+                let value =
+                    value.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0B' | '\x0C'));
                 elements.push((!value.eq_ignore_ascii_case("NULL")).then(|| value.to_owned()));
             }
         }
@@ -282,6 +307,9 @@ fn array(element: &ValueKind, s: &str, out: &mut Vec<u8>) -> Result<(), String> 
 }
 
 #[cfg(test)]
+pub(crate) mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -314,6 +342,33 @@ mod tests {
             0i64.to_be_bytes()
         );
         assert_eq!(bin(ts, "-infinity"), i64::MIN.to_be_bytes());
+    }
+
+    /// Found by the property test: these overflowed i64 arithmetic (a panic in a debug build,
+    /// a wrong value in a release build).
+    #[test]
+    fn huge_fields_are_errors_not_overflows() {
+        let ts = ValueKind::Timestamp { utc: true };
+        for (kind, text) in [
+            (ValueKind::Date, "9223372036854775807-01-01"),
+            (ValueKind::Date, "9223372036854775807-01-01 BC"),
+            (ts.clone(), "9223372036854775807-01-01 00:00:00"),
+            (ts.clone(), "2000-01-01 9223372036854775:00:00"),
+            (ts.clone(), "2000-01-01 00:00:9223372036854775807.5"),
+            (ts.clone(), "2000-01-01 00:00:00+9223372036854775"),
+            (ts.clone(), "2000-01-01 00:00:00-00:153722867280912930"),
+            (ts, "1000000000-01-01 00:00:00"),
+        ] {
+            assert!(
+                to_binary(&kind, text.as_bytes(), &mut Vec::new()).is_err(),
+                "{text}"
+            );
+        }
+        // The widest values Postgres prints still convert.
+        assert_eq!(
+            bin(ValueKind::Date, "5874897-12-31"),
+            2_145_031_948i32.to_be_bytes()
+        );
     }
 
     #[test]
@@ -395,6 +450,12 @@ mod array_tests {
             ]
         );
         assert_eq!(elements(r#"{"  "}"#), vec![s("  ")]);
+        // Found by the property test: only ASCII white space around an unquoted element is
+        // padding; Postgres prints other spaces unquoted, and they belong to the value.
+        assert_eq!(
+            elements("{\u{85},\u{a0}x\u{2003}, \ty\n}"),
+            vec![s("\u{85}"), s("\u{a0}x\u{2003}"), s("y")]
+        );
         assert_eq!(elements("{}"), Vec::<Option<String>>::new());
     }
 }

@@ -525,6 +525,9 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::types::{Limits, oid};

@@ -197,6 +197,9 @@ fn parse_header(buffer: &[u8]) -> Result<Option<usize>, CopyError> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

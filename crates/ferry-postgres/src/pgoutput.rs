@@ -419,6 +419,9 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
