@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::reload::*;
 use common::stack::{Stack, WITHIN};
-use ferry_proto::v1::{PipeMode, PipeState, ReloadPhase};
+use ferry_proto::v1::{PipeMode, PipeState, ReloadPhase, WorkerKind};
 use ferry_testkit::wait;
 
 #[tokio::test]
@@ -178,7 +178,7 @@ async fn a_transaction_open_across_the_resync_boundary_holds_the_copy_and_lands_
 }
 
 #[tokio::test]
-async fn a_resync_survives_the_coordinator_and_the_cdc_worker_killed_mid_copy() {
+async fn a_resync_survives_the_coordinator_and_both_workers_killed_mid_copy() {
     let mut stack = Stack::start(TABLES).await;
     let mut spec = stack.spec(
         "sturdy",
@@ -207,9 +207,13 @@ async fn a_resync_survives_the_coordinator_and_the_cdc_worker_killed_mid_copy() 
     })
     .await
     .expect("the resync copies");
-    // The leader holding the copy's snapshot dies, and so does the stream.
+    // The leader holding the copy's snapshot dies, and so do the stream and the copier.
     stack.coordinator.process().kill9();
     stack.replace_cdc("d2");
+    if let Some(copier) = stack.snapshot.as_mut() {
+        copier.process().kill9();
+    }
+    stack.snapshot = Some(stack.worker(WorkerKind::Snapshot, "s2").await);
     stack.coordinator = stack.ferry.coordinator("c2").unwrap();
     stack.coordinator.wait_serving(WITHIN).await.unwrap();
     stack.client = stack.coordinator.pipe_client().await.unwrap();
