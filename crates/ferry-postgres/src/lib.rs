@@ -23,5 +23,5 @@ pub mod slot;
 pub mod snapshot;
 pub mod validate;
 
-pub use error::SourceError;
+pub use error::{SourceError, query_class};
 pub use identity::replica_identity_key;

@@ -1,3 +1,5 @@
+use ferry_core::error_policy::{self, ErrorClass};
+
 use crate::keys::display_key;
 
 /// What can go wrong talking to etcd.
@@ -39,9 +41,30 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether a retry of the same operation may succeed (etcd unreachable, overloaded, ...).
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Etcd(_) | Self::LeaseLost)
+    /// What the error policy does about it: a failed request goes by its gRPC code (one
+    /// that never got an answer is retried); a lost compare-and-swap, a compacted watch or a
+    /// lost lease are retried from a fresh read or session; a value that does not decode, a
+    /// fenced or duplicate write cannot succeed again as it is.
+    pub fn class(&self) -> ErrorClass {
+        use etcd_client::Error;
+        match self {
+            Self::Etcd(Error::GRpcStatus(status)) => {
+                error_policy::grpc_status(status.code() as i32)
+            }
+            Self::Etcd(
+                Error::InvalidArgs(_)
+                | Error::InvalidUri(_)
+                | Error::Utf8Error(_)
+                | Error::InvalidMetadataValue(_)
+                | Error::EndpointError(_),
+            ) => ErrorClass::Permanent,
+            Self::Etcd(_) | Self::Conflict { .. } | Self::Compacted(_) | Self::LeaseLost => {
+                ErrorClass::Retry
+            }
+            Self::Decode { .. } | Self::Fenced | Self::AlreadyExists { .. } => {
+                ErrorClass::Permanent
+            }
+        }
     }
 
     pub(crate) fn decode(key: &[u8], source: prost::DecodeError) -> Self {
