@@ -14,7 +14,7 @@ use ferry_clickhouse::sink::Sink;
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::spec::source_table_name;
 use ferry_postgres::{connection, snapshot};
-use ferry_proto::v1::{ExportedSnapshot, PipeError};
+use ferry_proto::v1::{ExportedSnapshot, PipeError, Retrying, SnapshotPartition};
 use ferry_server::telemetry::error_chain;
 use ferry_store::snapshot::PlannedPartition;
 use ferry_store::{PipeRecord, StoreError};
@@ -189,6 +189,7 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         }
     }
     let finished = plan.iter().all(|p| p.done);
+    let retrying = partition_retry(&plan);
     let mut status = if finished {
         let rows: u64 = plan.iter().map(|p| p.rows_copied).sum();
         let reason = format!("snapshot done: {rows} rows in {} partition(s)", plan.len());
@@ -204,8 +205,10 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
             Ok(status) => status,
             Err(_) => return Ok(()),
         }
-    } else if record.status.tables != progress {
-        record.status.clone()
+    } else if record.status.tables != progress || record.status.retrying != retrying {
+        let mut status = record.status.clone();
+        status.retrying = retrying;
+        status
     } else {
         return Ok(());
     };
@@ -218,6 +221,33 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         info!(pipe = %name, next = lifecycle::state_name(status.state()), "snapshot finished");
     }
     Ok(())
+}
+
+/// The failure snapshot workers are retrying, as the pipe's status shows it: the partition
+/// that failed last, and how many others wait too.
+fn partition_retry(plan: &[SnapshotPartition]) -> Option<Retrying> {
+    let waiting: Vec<(&SnapshotPartition, &Retrying)> = plan
+        .iter()
+        .filter(|p| !p.done)
+        .filter_map(|p| Some((p, p.retrying.as_ref()?)))
+        .collect();
+    let (partition, last) = waiting.iter().max_by_key(|(_, r)| {
+        r.next_attempt_at
+            .as_ref()
+            .map(|t| (t.seconds, t.nanos))
+    })?;
+    let others = match waiting.len() - 1 {
+        0 => String::new(),
+        n => format!(" ({n} more partition(s) waiting too)"),
+    };
+    Some(Retrying {
+        message: format!(
+            "snapshot partition {} of {}: {}{others}",
+            partition.index, partition.source_table, last.message
+        ),
+        table: partition.source_table.clone(),
+        ..(*last).clone()
+    })
 }
 
 /// Empties the destination table of a held `table` once no partition of it is being copied
