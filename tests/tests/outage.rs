@@ -92,7 +92,10 @@ fn wait_status<'a>(
         .await;
         match reached {
             Some(status) => status,
-            None => panic!("{caller}: {what} never happened: {}", stack.diagnose(name).await),
+            None => panic!(
+                "{caller}: {what} never happened: {}",
+                stack.diagnose(name).await
+            ),
         }
     }
 }
@@ -168,7 +171,10 @@ async fn a_clickhouse_outage_during_cdc_is_retried_visibly_and_converges() {
     stack.converge(ITEMS_PG, ITEMS_CH).await;
     let status = stack.status("live").await.unwrap();
     assert_eq!(status.state(), PipeState::Running);
-    assert!(status.retrying.is_none() && status.error.is_none(), "{status:?}");
+    assert!(
+        status.retrying.is_none() && status.error.is_none(),
+        "{status:?}"
+    );
     assert!(!ferry_get(&stack, "live").await.contains("retrying"));
 }
 
@@ -230,12 +236,16 @@ async fn a_clickhouse_outage_during_a_snapshot_is_retried_and_converges() {
         .wait_states("copy", &[PipeState::Completed], Duration::from_secs(180))
         .await;
     let status = finished.status.unwrap();
-    assert!(status.error.is_none() && status.retrying.is_none(), "{status:?}");
+    assert!(
+        status.error.is_none() && status.retrying.is_none(),
+        "{status:?}"
+    );
     // A failure worth retrying never counts toward failing the pipe.
     let plan = store.snapshot_plan("copy").await.unwrap();
     assert!(
-        plan.iter()
-            .all(|p| p.partition.done && p.partition.attempts == 0 && p.partition.retrying.is_none()),
+        plan.iter().all(|p| p.partition.done
+            && p.partition.attempts == 0
+            && p.partition.retrying.is_none()),
         "{plan:?}"
     );
     stack.converge(ITEMS_PG, ITEMS_CH).await;

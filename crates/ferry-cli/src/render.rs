@@ -537,7 +537,10 @@ mod tests {
             retry.remedy = "free disk space".into();
         }
         let text = super::pipe(&pipe, now);
-        assert!(text.contains("retrying  waiting for action: cannot reach"), "{text}");
+        assert!(
+            text.contains("retrying  waiting for action: cannot reach"),
+            "{text}"
+        );
         assert!(text.contains("  remedy  free disk space\n"), "{text}");
     }
 

@@ -167,11 +167,20 @@ mod tests {
         assert_eq!(failure(gone), Failure::Exception(60));
         assert_eq!(failure(gone).class(), ErrorClass::Permanent);
         assert_eq!(failure("Code: 252").class(), ErrorClass::Retry);
-        assert_eq!(failure("Code: 241. DB::Exception: Memory limit (total) exceeded").class(), ErrorClass::Retry);
+        assert_eq!(
+            failure("Code: 241. DB::Exception: Memory limit (total) exceeded").class(),
+            ErrorClass::Retry
+        );
         assert_eq!(failure("503 Service Unavailable"), Failure::Http(503));
-        assert_eq!(failure("503 Service Unavailable").class(), ErrorClass::Retry);
+        assert_eq!(
+            failure("503 Service Unavailable").class(),
+            ErrorClass::Retry
+        );
         assert_eq!(failure("<html>bad gateway</html>"), Failure::Unnamed);
         assert_eq!(Failure::of(&Error::TimedOut).class(), ErrorClass::Retry);
-        assert_eq!(Failure::of(&Error::RowNotFound).class(), ErrorClass::Permanent);
+        assert_eq!(
+            Failure::of(&Error::RowNotFound).class(),
+            ErrorClass::Permanent
+        );
     }
 }

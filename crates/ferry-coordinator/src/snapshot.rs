@@ -231,11 +231,9 @@ fn partition_retry(plan: &[SnapshotPartition]) -> Option<Retrying> {
         .filter(|p| !p.done)
         .filter_map(|p| Some((p, p.retrying.as_ref()?)))
         .collect();
-    let (partition, last) = waiting.iter().max_by_key(|(_, r)| {
-        r.next_attempt_at
-            .as_ref()
-            .map(|t| (t.seconds, t.nanos))
-    })?;
+    let (partition, last) = waiting
+        .iter()
+        .max_by_key(|(_, r)| r.next_attempt_at.as_ref().map(|t| (t.seconds, t.nanos)))?;
     let others = match waiting.len() - 1 {
         0 => String::new(),
         n => format!(" ({n} more partition(s) waiting too)"),

@@ -76,8 +76,8 @@ pub fn clickhouse_exception(code: u32) -> ErrorClass {
         // SESSION_IS_LOCKED, QUERY_WAS_CANCELLED, ALL_REPLICAS_LOST, SYSTEM_ERROR,
         // CANNOT_SCHEDULE_TASK, DEADLOCK_AVOIDED, TABLE_IS_BEING_RESTARTED,
         // QUERY_WAS_CANCELLED_BY_CLIENT, KEEPER_EXCEPTION, POCO_EXCEPTION (network trouble).
-        159 | 160 | 201 | 202 | 203 | 209 | 210 | 225 | 236 | 241 | 242 | 244 | 252 | 279
-        | 285 | 286 | 319 | 373 | 394 | 415 | 425 | 439 | 473 | 733 | 735 | 999 | 1000 => {
+        159 | 160 | 201 | 202 | 203 | 209 | 210 | 225 | 236 | 241 | 242 | 244 | 252 | 279 | 285
+        | 286 | 319 | 373 | 394 | 415 | 425 | 439 | 473 | 733 | 735 | 999 | 1000 => {
             ErrorClass::Retry
         }
         // READONLY (the user's profile), UNKNOWN_USER, REQUIRED_PASSWORD, NOT_ENOUGH_SPACE,
@@ -216,11 +216,17 @@ mod tests {
 
     #[test]
     fn postgres_by_sqlstate() {
-        for code in ["08006", "08P01", "53300", "57P01", "40001", "40P01", "55006"] {
+        for code in [
+            "08006", "08P01", "53300", "57P01", "40001", "40P01", "55006",
+        ] {
             assert_eq!(postgres_sqlstate(code), ErrorClass::Retry, "{code}");
         }
         for code in ["28P01", "28000", "42501", "53100"] {
-            assert_eq!(postgres_sqlstate(code), ErrorClass::RetryAfterAction, "{code}");
+            assert_eq!(
+                postgres_sqlstate(code),
+                ErrorClass::RetryAfterAction,
+                "{code}"
+            );
         }
         for code in ["42P01", "42703", "22003", "57P04", "XX000"] {
             assert_eq!(postgres_sqlstate(code), ErrorClass::Permanent, "{code}");

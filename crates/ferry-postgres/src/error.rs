@@ -293,9 +293,9 @@ impl SourceError {
     /// SQLSTATE, and what validation found wrong with the source is permanent.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Unreachable { .. } | Self::SnapshotGone { .. } | Self::NoFreeWalSenders { .. } => {
-                ErrorClass::Retry
-            }
+            Self::Unreachable { .. }
+            | Self::SnapshotGone { .. }
+            | Self::NoFreeWalSenders { .. } => ErrorClass::Retry,
             Self::AuthFailed { .. } => ErrorClass::RetryAfterAction,
             Self::Query { source, .. } => query_class(source),
             _ => ErrorClass::Permanent,
@@ -306,7 +306,7 @@ impl SourceError {
 /// The error policy's class of a failed query or COPY: by SQLSTATE; one without (the
 /// connection closed, an I/O error) is retried.
 pub fn query_class(error: &tokio_postgres::Error) -> ErrorClass {
-    error
-        .code()
-        .map_or(ErrorClass::Retry, |state| error_policy::postgres_sqlstate(state.code()))
+    error.code().map_or(ErrorClass::Retry, |state| {
+        error_policy::postgres_sqlstate(state.code())
+    })
 }

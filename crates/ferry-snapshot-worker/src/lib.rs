@@ -300,9 +300,7 @@ fn retry_partition(partition: &SnapshotPartition, message: String, verdict: Verd
         remedy: if waits { verdict.remedy } else { String::new() },
         attempt,
         next_attempt_at: Some((now + delay).into()),
-        since: previous
-            .and_then(|r| r.since)
-            .or_else(|| Some(now.into())),
+        since: previous.and_then(|r| r.since).or_else(|| Some(now.into())),
         waits_for_action: waits,
         table: partition.source_table.clone(),
     }

@@ -103,7 +103,10 @@ impl PipeApi {
 /// failure its stream is retrying, while the pipe streams) and the slot's last check folded in.
 pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
     let mut status = record.status.clone();
-    if let Some(retrying) = record.replication.as_ref().and_then(|r| r.retrying.as_ref())
+    if let Some(retrying) = record
+        .replication
+        .as_ref()
+        .and_then(|r| r.retrying.as_ref())
         && streaming(record)
     {
         status.retrying = Some(retrying.clone());
