@@ -168,13 +168,14 @@ pub const STREAM: Schedule = Schedule {
 /// partition's count of failures, kept in etcd), never giving up on a transient failure.
 pub const PARTITION: Schedule = STREAM;
 
-/// Setup: bounded, since the person creating the pipe waits for its outcome; about half a
-/// minute of retries rides out a server restart.
+/// Setup: bounded, since the person creating the pipe waits for its outcome: three retries
+/// within about 4 to 7 seconds ride out a dropped connection or a server's quick restart; a
+/// pipe refused by a longer outage is brought back with `ferry resync` once the server is up.
 pub const SETUP: Schedule = Schedule {
-    first: Duration::from_secs(1),
-    max: Duration::from_secs(8),
+    first: Duration::from_millis(500),
+    max: Duration::from_secs(4),
     factor: 2.0,
-    attempts: Some(4),
+    attempts: Some(3),
 };
 
 /// The coordinator's jobs interrupted by etcd: they run until done or deposed.

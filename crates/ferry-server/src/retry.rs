@@ -47,6 +47,6 @@ mod tests {
             let d = delay(&STREAM, attempt);
             assert!(d >= nominal && d < nominal * 2, "{attempt}: {d:?}");
         }
-        assert_eq!(backoff(&SETUP).count(), 4);
+        assert_eq!(backoff(&SETUP).count(), 3);
     }
 }

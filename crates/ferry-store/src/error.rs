@@ -74,3 +74,25 @@ impl StoreError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_errors_go_by_grpc_code() {
+        let status = |s| StoreError::Etcd(etcd_client::Error::GRpcStatus(s));
+        let leader = status(tonic::Status::unavailable("etcdserver: leader changed"));
+        assert_eq!(leader.class(), ErrorClass::Retry);
+        let denied = status(tonic::Status::permission_denied(
+            "etcdserver: permission denied",
+        ));
+        assert_eq!(denied.class(), ErrorClass::RetryAfterAction);
+        let invalid = status(tonic::Status::invalid_argument(
+            "etcdserver: key is not provided",
+        ));
+        assert_eq!(invalid.class(), ErrorClass::Permanent);
+        assert_eq!(StoreError::LeaseLost.class(), ErrorClass::Retry);
+        assert_eq!(StoreError::Fenced.class(), ErrorClass::Permanent);
+    }
+}
