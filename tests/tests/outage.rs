@@ -252,6 +252,53 @@ async fn a_clickhouse_outage_during_a_snapshot_is_retried_and_converges() {
 }
 
 #[tokio::test]
+async fn a_revoked_clickhouse_login_waits_for_action_without_failing_the_pipe() {
+    let mut stack = Stack::start(
+        "CREATE TABLE items (id int PRIMARY KEY, note text, n int);
+         INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 500) g;",
+    )
+    .await;
+    stack
+        .create(stack.spec("locked", &["items"], PipeMode::SnapshotAndCdc))
+        .await;
+    stack.converge(ITEMS_PG, ITEMS_CH).await;
+
+    // The server starts requiring a password the pipe does not have.
+    stack.ch.restart_with_password("changed").await.unwrap();
+    stack
+        .db
+        .batch_execute("UPDATE items SET note = 'while locked out' WHERE id <= 50")
+        .await
+        .unwrap();
+    let shown = wait_status(&stack, "locked", "a retry waiting for action", |s| {
+        assert_eq!(s.state(), PipeState::Running, "{s:?}");
+        s.retrying.as_ref().is_some_and(|r| r.waits_for_action)
+    })
+    .await;
+    let retry = shown.retrying.unwrap();
+    assert!(retry.message.contains("refused the login"), "{retry:?}");
+    assert!(
+        retry.remedy.contains("secrets.destination_password"),
+        "{retry:?}"
+    );
+    let text = ferry_get(&stack, "locked").await;
+    assert!(text.contains("retrying  waiting for action: "), "{text}");
+    assert!(
+        text.contains("  remedy  check the user in spec.destination"),
+        "{text}"
+    );
+
+    // The operator puts the password back: the stream resumes by itself, exactly.
+    stack.ch.restart_with_password("").await.unwrap();
+    stack.converge(ITEMS_PG, ITEMS_CH).await;
+    let cleared = wait_status(&stack, "locked", "the retry clearing", |s| {
+        s.retrying.is_none()
+    })
+    .await;
+    assert_eq!(cleared.state(), PipeState::Running);
+}
+
+#[tokio::test]
 async fn a_dropped_destination_table_fails_the_pipe_with_a_remedy_that_works() {
     let stack = Stack::start_with(
         "CREATE TABLE items (id int PRIMARY KEY, note text, n int);

@@ -66,6 +66,19 @@ impl ClickHouse {
         Ok(())
     }
 
+    /// [`ClickHouse::restart`], now requiring `password` for user `default` (none if empty):
+    /// a password changed under clients that still use the old one.
+    pub async fn restart_with_password(&mut self, password: &str) -> Result<(), KitError> {
+        self.password_file = if password.is_empty() {
+            None
+        } else {
+            let file = self.dir.path().join("password");
+            std::fs::write(&file, password)?;
+            Some(file)
+        };
+        self.restart().await
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
