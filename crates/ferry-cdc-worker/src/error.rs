@@ -240,3 +240,40 @@ pub(crate) fn source_objects_gone(
         other => StreamError::Replication(other),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clickhouse::error::Error;
+
+    fn write_failed(answer: &str) -> StreamError {
+        StreamError::Write {
+            table: "public.items".into(),
+            source: SinkError::statement("INSERT", Error::BadResponse(answer.into())),
+        }
+    }
+
+    #[test]
+    fn a_dropped_table_fails_with_its_resync_and_an_overloaded_server_is_retried() {
+        let gone = write_failed(
+            "Code: 60. DB::Exception: Table dest.items does not exist. (UNKNOWN_TABLE)",
+        );
+        let verdict = gone.verdict("demo");
+        assert_eq!(verdict.class, ErrorClass::Permanent);
+        assert!(
+            verdict
+                .remedy
+                .contains("ferry resync demo --table public.items"),
+            "{}",
+            verdict.remedy
+        );
+        assert_eq!(gone.table(), Some("public.items"));
+        let busy = write_failed("Code: 252. DB::Exception: Too many parts. (TOO_MANY_PARTS)");
+        assert_eq!(busy.class(), ErrorClass::Retry);
+        assert_eq!(StreamError::ClaimLost.class(), ErrorClass::Retry);
+        let recreated = StreamError::TableRecreated {
+            table: "public.items".into(),
+        };
+        assert_eq!(recreated.class(), ErrorClass::Permanent);
+    }
+}
