@@ -22,7 +22,9 @@ use tracing::{info, warn};
 
 use crate::setup::{self, SetupContext, SetupProblem, table_progress};
 
-/// Failed attempts at one partition before the pipe fails (a transient error gets retries).
+/// Failed attempts at one partition before the pipe fails. Only failures the error policy
+/// calls permanent count, and those carry a remedy that fails the pipe at once; a transient
+/// failure is retried by the workers with backoff for as long as it lasts (its `retrying`).
 const MAX_PARTITION_ATTEMPTS: u32 = 3;
 /// How often the holder checks that its exporting transaction is alive.
 const HOLDER_CHECK: Duration = Duration::from_secs(2);
@@ -81,7 +83,8 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
     let progress = table_progress(&record.spec, &plan);
     if let Some(stuck) = plan
         .iter()
-        // A failure with a remedy is one retrying cannot fix (a value out of range).
+        // A failure with a remedy is one retrying cannot fix (a value out of range, the
+        // destination table gone).
         .find(|p| !p.done && (p.attempts >= MAX_PARTITION_ATTEMPTS || !p.last_remedy.is_empty()))
     {
         let error = PipeError {
