@@ -1,7 +1,8 @@
-//! Why a stream stops, whether retrying can help, and what a person should do when it cannot.
+//! Why a stream stops, what the error policy does about it, and what a person should do.
 
 use ferry_clickhouse::sink::SinkError;
 use ferry_clickhouse::transcode::TranscodeError;
+use ferry_core::error_policy::{ErrorClass, Verdict};
 use ferry_core::secret::SecretError;
 use ferry_postgres::SourceError;
 use ferry_postgres::pgoutput::DecodeError;
@@ -22,9 +23,18 @@ pub enum StreamError {
     /// A value did not transcode.
     #[error(transparent)]
     Transcode(#[from] TranscodeError),
-    /// ClickHouse refused a write.
+    /// ClickHouse refused a request.
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// ClickHouse refused the rows of a table.
+    #[error("writing the changes of {table} to ClickHouse failed")]
+    Write {
+        /// schema.table.
+        table: String,
+        /// Why.
+        #[source]
+        source: SinkError,
+    },
     /// etcd failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -108,8 +118,10 @@ pub enum StreamError {
 }
 
 impl StreamError {
-    /// Whether retrying cannot help: the pipe must fail and a human act.
-    pub fn is_fatal(&self) -> bool {
+    /// What the error policy does about it: what the stream cannot get past fails the pipe;
+    /// ClickHouse, Postgres and etcd errors go by what their server said; a dropped
+    /// connection, a lost claim or an ended stream are retried.
+    pub fn class(&self) -> ErrorClass {
         match self {
             Self::Decode(_)
             | Self::Transcode(_)
@@ -122,17 +134,23 @@ impl StreamError {
             | Self::TlsUnsupported
             | Self::SlotUnusable { .. }
             | Self::PublicationMissing { .. }
-            | Self::Secret(_) => true,
-            Self::Sink(e) => !e.is_transient(),
-            Self::Replication(_)
-            | Self::Store(_)
-            | Self::Source(_)
-            | Self::ClaimLost
-            | Self::Ended => false,
+            | Self::Secret(_) => ErrorClass::Permanent,
+            Self::Sink(e) | Self::Write { source: e, .. } => e.class(),
+            Self::Source(e) => e.class(),
+            Self::Store(e) => e.class(),
+            // The server refusing the slot or publication outright is told apart by
+            // `source_objects_gone`; anything else here (a restart, the slot still active
+            // after a takeover, a dropped connection) passes.
+            Self::Replication(_) | Self::ClaimLost | Self::Ended => ErrorClass::Retry,
         }
     }
 
-    /// What to do about a fatal error of pipe `pipe`'s stream.
+    /// The error policy's verdict on an error of pipe `pipe`'s stream.
+    pub fn verdict(&self, pipe: &str) -> Verdict {
+        Verdict::new(self.class(), self.remedy(pipe))
+    }
+
+    /// What to do about an error of pipe `pipe`'s stream.
     pub fn remedy(&self, pipe: &str) -> String {
         let resync = |table: &str| format!("ferry resync {pipe} --table {table}");
         match self {
@@ -164,7 +182,12 @@ impl StreamError {
                 "give every worker the secret key the pipe was created with (--secret-key-file)"
                     .into()
             }
-            Self::Sink(e) => e.remedy(),
+            Self::Write { table, source } if source.table_changed() => format!(
+                "the destination table of {table} was dropped or altered in ClickHouse: reload it with {}, which creates it anew",
+                resync(table)
+            ),
+            Self::Sink(e) | Self::Write { source: e, .. } => e.remedy(),
+            Self::Source(e) => e.remedy(),
             Self::Transcode(e) => e.remedy(),
             _ => format!("see the error; once its cause is fixed, ferry resync {pipe}"),
         }
@@ -177,7 +200,8 @@ impl StreamError {
             | Self::UnchangedToast { table, .. }
             | Self::IdentityChanged { table, .. }
             | Self::NullInNotNull { table, .. }
-            | Self::TableRecreated { table } => Some(table),
+            | Self::TableRecreated { table }
+            | Self::Write { table, .. } => Some(table),
             Self::Transcode(e) if !e.table.is_empty() => Some(&e.table),
             _ => None,
         }
@@ -214,5 +238,42 @@ pub(crate) fn source_objects_gone(
             }
         }
         other => StreamError::Replication(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clickhouse::error::Error;
+
+    fn write_failed(answer: &str) -> StreamError {
+        StreamError::Write {
+            table: "public.items".into(),
+            source: SinkError::statement("INSERT", Error::BadResponse(answer.into())),
+        }
+    }
+
+    #[test]
+    fn a_dropped_table_fails_with_its_resync_and_an_overloaded_server_is_retried() {
+        let gone = write_failed(
+            "Code: 60. DB::Exception: Table dest.items does not exist. (UNKNOWN_TABLE)",
+        );
+        let verdict = gone.verdict("demo");
+        assert_eq!(verdict.class, ErrorClass::Permanent);
+        assert!(
+            verdict
+                .remedy
+                .contains("ferry resync demo --table public.items"),
+            "{}",
+            verdict.remedy
+        );
+        assert_eq!(gone.table(), Some("public.items"));
+        let busy = write_failed("Code: 252. DB::Exception: Too many parts. (TOO_MANY_PARTS)");
+        assert_eq!(busy.class(), ErrorClass::Retry);
+        assert_eq!(StreamError::ClaimLost.class(), ErrorClass::Retry);
+        let recreated = StreamError::TableRecreated {
+            table: "public.items".into(),
+        };
+        assert_eq!(recreated.class(), ErrorClass::Permanent);
     }
 }

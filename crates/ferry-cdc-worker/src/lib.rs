@@ -1,12 +1,14 @@
 //! The CDC worker's work loop: claim the streams of running pipes within this worker's
-//! capacity and run them (see [`stream`]); stop a stream when its pipe stops running or the
-//! worker's session is lost (self-fencing: the claim may pass to another worker once the
-//! lease expires, and by then this one has stopped).
+//! capacity and run them (see [`stream`]), starting a stream again after an error worth
+//! retrying (`supervise`); stop a stream when its pipe stops running or the worker's session
+//! is lost (self-fencing: the claim may pass to another worker once the lease expires, and by
+//! then this one has stopped).
 
 mod error;
 mod evolve;
 mod reload;
 pub mod stream;
+mod supervise;
 mod table;
 mod toast;
 
@@ -14,7 +16,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ferry_core::{PipeMode, PipeState};
-use ferry_proto::v1::PipeError;
 use ferry_server::telemetry::error_chain;
 use ferry_server::worker::WorkerContext;
 use ferry_store::{PipeRecord, StoreError};
@@ -24,8 +25,6 @@ use tracing::{Instrument as _, info, info_span, warn};
 
 /// How often the worker looks for streams to run.
 const POLL: Duration = Duration::from_millis(500);
-/// Wait after a stream failed before it may be claimed again (by anyone).
-const RETRY: Duration = Duration::from_secs(2);
 
 /// A stream in progress: its task, the signal asking it to stop at a checkpoint, and the spec
 /// revision and reload step it runs with (a change of either restarts it).
@@ -156,26 +155,7 @@ async fn schedule(
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("stream", pipe = %name, worker = %ctx.worker_id);
         let task = async move {
-            let result = stream::run(&ctx2, &member2, &record2, &claim, stop_rx).await;
-            match result {
-                Ok(()) => {}
-                Err(error) if error.is_fatal() => {
-                    warn!(error = %error_chain(&error), "stream cannot continue; failing the pipe");
-                    let report = PipeError {
-                        message: error_chain(&error),
-                        remedy: error.remedy(&record2.spec.name),
-                        table: error.table().unwrap_or_default().to_owned(),
-                        occurred_at: Some(std::time::SystemTime::now().into()),
-                    };
-                    if let Err(e) = ctx2.store.report_stream_error(&claim, &report).await {
-                        warn!(error = %error_chain(&e), "cannot report the stream error");
-                    }
-                }
-                Err(error) => {
-                    warn!(error = %error_chain(&error), "stream stopped; retrying");
-                    tokio::time::sleep(RETRY).await;
-                }
-            }
+            supervise::run(&ctx2, &member2, record2, &claim, stop_rx).await;
             // Hand the stream back so this or another worker resumes from the checkpoint.
             let _ = ctx2.store.release_cdc(&claim).await;
             ctx2.claims.remove(&claim.key);

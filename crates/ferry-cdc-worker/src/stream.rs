@@ -583,6 +583,8 @@ async fn flush(
                 (b.source_table().to_owned(), AlteredValues { columns })
             })
             .collect(),
+        // A batch written: whatever was being retried is over.
+        retrying: None,
     };
     if let Err(error) = ctx.store.put_replication_status(claim, &report).await {
         debug!(%error, "cannot publish replication progress");

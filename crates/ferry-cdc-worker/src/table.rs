@@ -408,6 +408,14 @@ impl TableBatch {
         Ok(())
     }
 
+    /// A failed insert of this table's rows, naming the table (its remedy is a resync of it).
+    fn write_error(&self, source: ferry_clickhouse::sink::SinkError) -> StreamError {
+        StreamError::Write {
+            table: self.source_table.clone(),
+            source,
+        }
+    }
+
     /// Resolves deferred rows, then inserts the buffered rows. Returns how many.
     pub(crate) async fn write(&mut self, ctx: &TableContext<'_>) -> Result<u64, StreamError> {
         let filled = if self.toast.pending.is_empty() {
@@ -419,9 +427,11 @@ impl TableBatch {
         if self.rows == 0 {
             return Ok(filled);
         }
+        let body = Bytes::from(std::mem::take(&mut self.body));
         ctx.sink
-            .insert(&self.statement, Bytes::from(std::mem::take(&mut self.body)))
-            .await?;
+            .insert(&self.statement, body)
+            .await
+            .map_err(|e| self.write_error(e))?;
         Ok(filled + std::mem::take(&mut self.rows))
     }
 
@@ -462,11 +472,17 @@ impl TableBatch {
                     .write_text_row(values, row.version, false, &mut rows)?;
                 if rows.len() >= FILL_SLICE_BYTES {
                     let full = std::mem::take(&mut rows);
-                    ctx.sink.insert(&self.statement, Bytes::from(full)).await?;
+                    ctx.sink
+                        .insert(&self.statement, Bytes::from(full))
+                        .await
+                        .map_err(|e| self.write_error(e))?;
                 }
             }
             if !rows.is_empty() {
-                ctx.sink.insert(&self.statement, Bytes::from(rows)).await?;
+                ctx.sink
+                    .insert(&self.statement, Bytes::from(rows))
+                    .await
+                    .map_err(|e| self.write_error(e))?;
             }
         }
         info!(

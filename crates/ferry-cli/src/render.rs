@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use ferry_core::lifecycle::state_name;
 use ferry_proto::v1::{
     AlterationKind, DeletePipeResponse, Pipe, PipeState, PipeStatus, ReloadKind, ReloadPhase,
-    SlotHealth, TableReload,
+    Retrying, SlotHealth, TableReload,
 };
 
 /// A timestamp to the second, in UTC (`2026-11-29T17:20:39Z`); `-` when unset.
@@ -61,6 +61,35 @@ pub fn bytes(n: u64) -> String {
 /// An LSN as Postgres prints it (`0/16B3F20`).
 pub fn lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// A failure being retried, as one line: `<error>, attempt N, next in S s`.
+pub fn retrying(retry: &Retrying, now: SystemTime) -> String {
+    let next = retry
+        .next_attempt_at
+        .and_then(|ts| SystemTime::try_from(ts).ok())
+        .map_or_else(
+            || "next soon".to_owned(),
+            |at| match at.duration_since(now) {
+                // Rounded up: "next in 0 s" would read as overdue.
+                Ok(wait) => format!(
+                    "next in {} s",
+                    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+                ),
+                Err(_) => "retrying now".to_owned(),
+            },
+        );
+    let waits = if retry.waits_for_action {
+        "waiting for action: "
+    } else {
+        ""
+    };
+    format!(
+        "{waits}{}, attempt {}, {next}{}",
+        retry.message,
+        retry.attempt,
+        parenthesized(&format!("failing since {}", when(retry.since.as_ref())))
+    )
 }
 
 /// The pipe's state name ("running", ...).
@@ -144,6 +173,12 @@ fn write_pipe(out: &mut String, pipe: &Pipe, now: SystemTime) -> std::fmt::Resul
     let status = pipe.status.clone().unwrap_or_default();
     writeln!(out, "pipe      {}", spec.name)?;
     writeln!(out, "state     {}  ({})", state(pipe), status.reason)?;
+    if let Some(retry) = &status.retrying {
+        writeln!(out, "retrying  {}", retrying(retry, now))?;
+        if !retry.remedy.is_empty() {
+            writeln!(out, "  remedy  {}", retry.remedy)?;
+        }
+    }
     if status.previous_state() != PipeState::Unspecified {
         writeln!(out, "previous  {}", state_name(status.previous_state()))?;
     }
@@ -472,6 +507,41 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(slot_summary(&missing), "missing on the source");
+    }
+
+    #[test]
+    fn get_shows_a_failure_being_retried() {
+        let mut status = PipeStatus {
+            reason: "snapshot done".into(),
+            retrying: Some(Retrying {
+                message: "cannot reach ClickHouse at http://ch:8123".into(),
+                attempt: 3,
+                next_attempt_at: Some(at(107)),
+                since: Some(at(90)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        status.set_state(PipeState::Running);
+        let mut pipe = Pipe {
+            status: Some(status),
+            ..Default::default()
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let text = super::pipe(&pipe, now);
+        let line = "retrying  cannot reach ClickHouse at http://ch:8123, attempt 3, next in 7 s  (failing since 1970-01-01T00:01:30Z)\n";
+        assert!(text.contains(line), "{text}");
+        assert!(!text.contains("  remedy"), "{text}");
+        if let Some(retry) = pipe.status.as_mut().and_then(|s| s.retrying.as_mut()) {
+            retry.waits_for_action = true;
+            retry.remedy = "free disk space".into();
+        }
+        let text = super::pipe(&pipe, now);
+        assert!(
+            text.contains("retrying  waiting for action: cannot reach"),
+            "{text}"
+        );
+        assert!(text.contains("  remedy  free disk space\n"), "{text}");
     }
 
     #[test]

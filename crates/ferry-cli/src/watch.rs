@@ -107,6 +107,21 @@ impl Lines {
                 lines.push(format!("{prefix} slot warning: {is}"));
             }
         }
+        // A retry is shown when it starts, when its error changes and when it is over; its
+        // attempts are counted by `ferry get`.
+        let retry_text = |s: &PipeStatus| s.retrying.as_ref().map(|r| r.message.clone());
+        let (was, is) = (last.as_ref().and_then(retry_text), retry_text(&status));
+        if was != is {
+            match (&is, status.retrying.as_ref()) {
+                (Some(message), Some(retry)) if retry.waits_for_action => lines.push(format!(
+                    "{prefix} waiting for action, retrying: {message}; remedy: {}",
+                    retry.remedy
+                )),
+                (Some(message), _) => lines.push(format!("{prefix} retrying: {message}")),
+                (None, _) if !state_changed => lines.push(format!("{prefix} retry over")),
+                (None, _) => {}
+            }
+        }
         let new_error = status
             .error
             .as_ref()

@@ -3,6 +3,7 @@
 //! - [`types`]: the Postgres → ClickHouse type mapping of DESIGN.md §5.
 //! - [`transcode`]: Postgres binary values → RowBinary, per-table column plans.
 //! - [`sink`]: the ClickHouse server: checks, DDL, RowBinary inserts.
+//! - [`failure`]: how a request failed (its exception code) and the error policy's class.
 //! - [`ddl`]: destination tables (`ReplacingMergeTree(_ferry_version, _ferry_is_deleted)`
 //!   ordered by the source's row key, plus Ferry's metadata columns; keyless tables as
 //!   multisets) and the `<table>_current` views.
@@ -13,6 +14,7 @@ mod altered;
 pub mod compare;
 pub mod ddl;
 mod decimal;
+pub mod failure;
 pub mod lookup;
 pub mod resync;
 pub mod rowbinary;

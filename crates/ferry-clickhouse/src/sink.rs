@@ -5,6 +5,7 @@ use clickhouse::Client;
 use ferry_proto::v1::{ClickHouseDestination, ColumnSchema, DestinationLimits, TableSchema};
 
 use crate::ddl::{self, DdlError, IS_DELETED_COLUMN, Ident, VERSION_COLUMN};
+use crate::failure::{Failure, code};
 use crate::lookup;
 use crate::types::{Limits, MappingOptions, TypeOverride};
 
@@ -49,6 +50,8 @@ pub enum SinkError {
     Statement {
         /// What was being done.
         what: String,
+        /// The server's exception code, or how else it failed.
+        failure: Failure,
         /// Why.
         #[source]
         source: clickhouse::error::Error,
@@ -96,7 +99,7 @@ impl SinkError {
         match self {
             Self::AuthFailed { .. } => "check the user in spec.destination and the password in secrets.destination_password".into(),
             Self::Unreachable { .. } => "check spec.destination.url and that the ClickHouse server is up and reachable from Ferry".into(),
-            Self::Statement { .. } => "check the ClickHouse server log; the error text says what it refused".into(),
+            Self::Statement { failure, .. } => Self::statement_remedy(*failure),
             Self::Ddl(DdlError::ReservedColumn { .. }) => "rename the source column; Ferry adds columns named _ferry_*".into(),
             Self::Ddl(DdlError::NoColumns { .. }) => "add a column to the table or remove it from the pipe".into(),
             Self::Mismatch { .. } => "drop the existing table so Ferry creates it, or map the source table to another destination_table".into(),
@@ -106,9 +109,13 @@ impl SinkError {
         }
     }
 
-    /// Whether retrying later may succeed without anyone changing anything.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unreachable { .. })
+    /// A failed statement doing `what`.
+    pub fn statement(what: impl Into<String>, source: clickhouse::error::Error) -> Self {
+        Self::Statement {
+            what: what.into(),
+            failure: Failure::of(&source),
+            source,
+        }
     }
 }
 
@@ -156,25 +163,22 @@ impl Sink {
     }
 
     pub(crate) fn classify(&self, what: &str, source: clickhouse::error::Error) -> SinkError {
-        let text = source.to_string();
-        if text.contains("Code: 516") || text.contains("AUTHENTICATION_FAILED") {
-            SinkError::AuthFailed {
+        match Failure::of(&source) {
+            Failure::Exception(
+                code::AUTHENTICATION_FAILED | code::REQUIRED_PASSWORD | code::UNKNOWN_USER,
+            ) => SinkError::AuthFailed {
                 user: self.user.clone(),
                 source,
-            }
-        } else if matches!(
-            source,
-            clickhouse::error::Error::Network(_) | clickhouse::error::Error::TimedOut
-        ) {
-            SinkError::Unreachable {
+            },
+            Failure::Network => SinkError::Unreachable {
                 url: self.url.clone(),
                 source,
-            }
-        } else {
-            SinkError::Statement {
+            },
+            failure => SinkError::Statement {
                 what: what.to_owned(),
+                failure,
                 source,
-            }
+            },
         }
     }
 
@@ -218,7 +222,7 @@ impl Sink {
             Ok(name) => name.starts_with("JSON"),
             // Unknown type, or one behind an experimental setting: not usable as is.
             Err(e) => match self.classify("JSON probe", e) {
-                SinkError::Statement { .. } => false,
+                SinkError::Statement { failure, .. } if !failure.class().retries() => false,
                 other => return Err(other),
             },
         };
@@ -251,7 +255,7 @@ impl Sink {
                 Ok(false) => {}
                 // A server that refuses the value outright does not hold it either.
                 Err(e) => match self.classify("range probe", e) {
-                    SinkError::Statement { .. } => {}
+                    SinkError::Statement { failure, .. } if !failure.class().retries() => {}
                     other => return Err(other),
                 },
             }

@@ -156,12 +156,7 @@ impl StateRows {
         &mut self,
         mut on_row: impl FnMut(&[u8], &RowSplitter, bool),
     ) -> Result<Option<u64>, ReadError> {
-        let sink_error = |e| {
-            ReadError::Sink(SinkError::Statement {
-                what: "verification read".into(),
-                source: e,
-            })
-        };
+        let sink_error = |e| ReadError::Sink(SinkError::statement("verification read", e));
         let Some(chunk) = self.cursor.next().await.map_err(sink_error)? else {
             if !self.buffer.is_empty() {
                 return Err(RowBinaryError::Truncated(self.buffer.len()).into());

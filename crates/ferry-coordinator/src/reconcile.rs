@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
+use backon::Retryable as _;
+use ferry_core::error_policy;
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::secret::SecretKey;
 use ferry_core::{PipeMode, PipeState, WorkerKind};
@@ -378,21 +380,23 @@ async fn fail_on_stream_error(ctx: &SetupContext, record: &PipeRecord) -> Result
     Ok(true)
 }
 
-/// Runs a job until it succeeds, retrying what etcd failed; stops if the leadership or the
-/// pipe moved on (fenced, or a compare-and-swap lost), since a later pass decides then.
+/// Runs a job until it succeeds, retrying what etcd failed with backoff; stops if the
+/// leadership or the pipe moved on (fenced, or a compare-and-swap lost), since a later pass
+/// decides then.
 pub(crate) async fn retrying<F, Fut>(job: &'static str, run: F)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<(), StoreError>>,
 {
-    loop {
-        match run().await {
-            Ok(()) | Err(StoreError::Fenced | StoreError::Conflict { .. }) => return,
-            Err(error) => {
-                warn!(job, error = %error_chain(&error), "interrupted; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
+    let outcome = run
+        .retry(ferry_server::retry::builder(&error_policy::JOB))
+        .when(|error| !matches!(error, StoreError::Fenced | StoreError::Conflict { .. }))
+        .notify(|error, delay| {
+            warn!(job, error = %error_chain(error), next_in_ms = delay.as_millis() as u64, "interrupted; retrying");
+        })
+        .await;
+    if let Err(error) = outcome {
+        debug!(job, error = %error_chain(&error), "job stopped: a later pass decides");
     }
 }
 

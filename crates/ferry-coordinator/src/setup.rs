@@ -6,12 +6,14 @@
 //! so a delete always knows what to drop. Every step is idempotent: a Setup re-run after a
 //! crash picks up where the last one stopped.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+use backon::Retryable as _;
 use ferry_clickhouse::ddl;
 use ferry_clickhouse::sink::{Sink, SinkError};
 use ferry_clickhouse::types::{MappingOptions, TypeOverride};
 use ferry_core::PipeMode;
+use ferry_core::error_policy::{self, ErrorClass};
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::naming::default_slot_and_publication;
 use ferry_core::secret::{SecretError, SecretKey};
@@ -26,9 +28,6 @@ use ferry_store::{Fence, PipeRecord, Store, StoreError};
 use tracing::{info, warn};
 
 use crate::slot_health;
-
-/// Attempts at a Setup step that failed for a transient reason before the pipe fails.
-const TRANSIENT_ATTEMPTS: u32 = 3;
 
 /// Why Setup refused a pipe.
 #[derive(Debug, thiserror::Error)]
@@ -55,15 +54,16 @@ pub(crate) enum SetupProblem {
 }
 
 impl SetupProblem {
-    pub(crate) fn is_transient(&self) -> bool {
+    /// What the error policy does about it.
+    pub(crate) fn class(&self) -> ErrorClass {
         match self {
-            Self::Source(e) => e.is_transient(),
-            Self::Sink(e) => e.is_transient(),
-            Self::Store(_) => true,
+            Self::Source(e) => e.class(),
+            Self::Sink(e) => e.class(),
+            Self::Store(e) => e.class(),
             Self::Secret(_)
             | Self::NotEmpty { .. }
             | Self::ColumnType { .. }
-            | Self::SlotUnusable { .. } => false,
+            | Self::SlotUnusable { .. } => ErrorClass::Permanent,
         }
     }
 
@@ -139,17 +139,15 @@ pub(crate) async fn open_secrets(
 /// Runs Setup for a pipe in state Setup and records the outcome (next state, or Failed).
 pub(crate) async fn run(ctx: SetupContext, record: PipeRecord) -> Result<(), StoreError> {
     let name = record.spec.name.clone();
-    let mut attempt = 1;
-    let outcome = loop {
-        match prepare(&ctx, &record).await {
-            Err(problem) if problem.is_transient() && attempt < TRANSIENT_ATTEMPTS => {
-                warn!(pipe = %name, attempt, error = %error_chain(&problem), "setup step failed; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                attempt += 1;
-            }
-            outcome => break outcome,
-        }
-    };
+    // Bounded: whoever created the pipe waits for the outcome. An error that waits for an
+    // operator fails Setup at once, since that person is the one to act.
+    let outcome = (|| prepare(&ctx, &record))
+        .retry(ferry_server::retry::builder(&error_policy::SETUP))
+        .when(|problem| problem.class().passes_by_itself())
+        .notify(|problem, delay| {
+            warn!(pipe = %name, error = %error_chain(problem), next_in_ms = delay.as_millis() as u64, "setup step failed; retrying");
+        })
+        .await;
     let mode = record.spec.mode();
     let now = SystemTime::now();
     let status = match outcome {

@@ -14,7 +14,7 @@ use ferry_clickhouse::sink::Sink;
 use ferry_core::lifecycle::{self, PipeEvent};
 use ferry_core::spec::source_table_name;
 use ferry_postgres::{connection, snapshot};
-use ferry_proto::v1::{ExportedSnapshot, PipeError};
+use ferry_proto::v1::{ExportedSnapshot, PipeError, Retrying, SnapshotPartition};
 use ferry_server::telemetry::error_chain;
 use ferry_store::snapshot::PlannedPartition;
 use ferry_store::{PipeRecord, StoreError};
@@ -22,7 +22,9 @@ use tracing::{info, warn};
 
 use crate::setup::{self, SetupContext, SetupProblem, table_progress};
 
-/// Failed attempts at one partition before the pipe fails (a transient error gets retries).
+/// Failed attempts at one partition before the pipe fails. Only failures the error policy
+/// calls permanent count, and those carry a remedy that fails the pipe at once; a transient
+/// failure is retried by the workers with backoff for as long as it lasts (its `retrying`).
 const MAX_PARTITION_ATTEMPTS: u32 = 3;
 /// How often the holder checks that its exporting transaction is alive.
 const HOLDER_CHECK: Duration = Duration::from_secs(2);
@@ -81,7 +83,8 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
     let progress = table_progress(&record.spec, &plan);
     if let Some(stuck) = plan
         .iter()
-        // A failure with a remedy is one retrying cannot fix (a value out of range).
+        // A failure with a remedy is one retrying cannot fix (a value out of range, the
+        // destination table gone).
         .find(|p| !p.done && (p.attempts >= MAX_PARTITION_ATTEMPTS || !p.last_remedy.is_empty()))
     {
         let error = PipeError {
@@ -189,6 +192,7 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         }
     }
     let finished = plan.iter().all(|p| p.done);
+    let retrying = partition_retry(&plan);
     let mut status = if finished {
         let rows: u64 = plan.iter().map(|p| p.rows_copied).sum();
         let reason = format!("snapshot done: {rows} rows in {} partition(s)", plan.len());
@@ -204,8 +208,10 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
             Ok(status) => status,
             Err(_) => return Ok(()),
         }
-    } else if record.status.tables != progress {
-        record.status.clone()
+    } else if record.status.tables != progress || record.status.retrying != retrying {
+        let mut status = record.status.clone();
+        status.retrying = retrying;
+        status
     } else {
         return Ok(());
     };
@@ -218,6 +224,31 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
         info!(pipe = %name, next = lifecycle::state_name(status.state()), "snapshot finished");
     }
     Ok(())
+}
+
+/// The failure snapshot workers are retrying, as the pipe's status shows it: the partition
+/// that failed last, and how many others wait too.
+fn partition_retry(plan: &[SnapshotPartition]) -> Option<Retrying> {
+    let waiting: Vec<(&SnapshotPartition, &Retrying)> = plan
+        .iter()
+        .filter(|p| !p.done)
+        .filter_map(|p| Some((p, p.retrying.as_ref()?)))
+        .collect();
+    let (partition, last) = waiting
+        .iter()
+        .max_by_key(|(_, r)| r.next_attempt_at.as_ref().map(|t| (t.seconds, t.nanos)))?;
+    let others = match waiting.len() - 1 {
+        0 => String::new(),
+        n => format!(" ({n} more partition(s) waiting too)"),
+    };
+    Some(Retrying {
+        message: format!(
+            "snapshot partition {} of {}: {}{others}",
+            partition.index, partition.source_table, last.message
+        ),
+        table: partition.source_table.clone(),
+        ..(*last).clone()
+    })
 }
 
 /// Empties the destination table of a held `table` once no partition of it is being copied

@@ -141,6 +141,8 @@ pub fn apply(
         None
     };
     updated.state_changed_at = Some(now.into());
+    // A retry belongs to the work of the state it was reported in.
+    updated.retrying = None;
     Ok(updated)
 }
 

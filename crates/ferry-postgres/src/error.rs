@@ -1,5 +1,7 @@
 use std::fmt;
 
+use ferry_core::error_policy::{self, ErrorClass};
+
 /// A problem with the source, phrased for the person who has to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -286,11 +288,25 @@ impl SourceError {
         }
     }
 
-    /// Whether retrying later may succeed without anyone changing anything.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Unreachable { .. } | Self::Query { .. } | Self::NoFreeWalSenders { .. }
-        )
+    /// What the error policy does about it: a lost connection or an unreachable server is
+    /// retried, a refused login waits for someone to fix it, a failed query goes by its
+    /// SQLSTATE, and what validation found wrong with the source is permanent.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Unreachable { .. }
+            | Self::SnapshotGone { .. }
+            | Self::NoFreeWalSenders { .. } => ErrorClass::Retry,
+            Self::AuthFailed { .. } => ErrorClass::RetryAfterAction,
+            Self::Query { source, .. } => query_class(source),
+            _ => ErrorClass::Permanent,
+        }
     }
+}
+
+/// The error policy's class of a failed query or COPY: by SQLSTATE; one without (the
+/// connection closed, an I/O error) is retried.
+pub fn query_class(error: &tokio_postgres::Error) -> ErrorClass {
+    error.code().map_or(ErrorClass::Retry, |state| {
+        error_policy::postgres_sqlstate(state.code())
+    })
 }

@@ -23,7 +23,7 @@ pub mod slot;
 pub mod snapshot;
 pub mod validate;
 
-pub use error::SourceError;
+pub use error::{SourceError, query_class};
 pub use identity::replica_identity_key;
 
 /// The config of a property test: `cases` cases, unless `PROPTEST_CASES` asks for another

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use ferry_core::error_policy::ErrorClass;
 use ferry_postgres::connection::connect;
 use ferry_postgres::schema::describe_table;
 use ferry_postgres::validate::check_source;
@@ -187,7 +188,7 @@ async fn wrong_password_and_unreachable_host_are_told_apart() {
     connect(&source(&pg, "guarded"), "right").await.unwrap();
     let err = connect(&source(&pg, "guarded"), "wrong").await.unwrap_err();
     assert!(matches!(err, SourceError::AuthFailed { .. }), "{err:?}");
-    assert!(!err.is_transient());
+    assert_eq!(err.class(), ErrorClass::RetryAfterAction);
     assert!(
         !format!("{err:?}").contains("wrong"),
         "the password leaked into the error"
@@ -197,7 +198,7 @@ async fn wrong_password_and_unreachable_host_are_told_apart() {
     nowhere.port = u32::from(ferry_testkit::free_port().unwrap());
     let err = connect(&nowhere, "").await.unwrap_err();
     assert!(matches!(err, SourceError::Unreachable { .. }), "{err:?}");
-    assert!(err.is_transient());
+    assert_eq!(err.class(), ErrorClass::Retry);
 }
 
 #[tokio::test]

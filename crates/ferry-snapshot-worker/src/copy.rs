@@ -14,6 +14,7 @@ use ferry_clickhouse::sink::{Sink, SinkError};
 use ferry_clickhouse::transcode::{RowTranscoder, TranscodeError, select_list};
 use ferry_clickhouse::types::MappingOptions;
 use ferry_clickhouse::{ddl, version};
+use ferry_core::error_policy::{ErrorClass, Verdict};
 use ferry_core::secret::{SecretError, SecretKey};
 use ferry_core::spec::source_table_name;
 use ferry_postgres::copy::{CopyDecoder, CopyError, DecodeError};
@@ -68,13 +69,41 @@ pub enum PartitionError {
 }
 
 impl PartitionError {
-    /// What to do, for a failure retrying cannot fix (a value the destination cannot hold
-    /// under the pipe's policy); `None` for failures worth retrying.
-    pub fn remedy(&self) -> Option<String> {
+    /// What the error policy does about it: a value the destination cannot hold under the
+    /// pipe's policy, a malformed COPY stream or a missing schema fail the pipe; ClickHouse,
+    /// Postgres and etcd errors go by what their server said.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Transcode(e) if e.out_of_range => Some(e.remedy()),
-            _ => None,
+            Self::Source(e) => e.class(),
+            Self::Copy(e) => ferry_postgres::query_class(e),
+            Self::Sink(e) => e.class(),
+            Self::Store(e) => e.class(),
+            Self::Join(_) => ErrorClass::Retry,
+            Self::Decode(_)
+            | Self::Transcode(_)
+            | Self::Secret(_)
+            | Self::NoSchema(_)
+            | Self::TooManyRelations(_) => ErrorClass::Permanent,
         }
+    }
+
+    /// The error policy's verdict on copying a partition of `pipe`'s `table` (schema.table).
+    pub fn verdict(&self, pipe: &str, table: &str) -> Verdict {
+        let resync = format!("ferry resync {pipe} --table {table}");
+        let remedy = match self {
+            Self::Transcode(e) => e.remedy(),
+            Self::Source(e) => e.remedy(),
+            Self::Sink(e) if e.table_changed() => format!(
+                "the destination table of {table} was dropped or altered in ClickHouse: recreate the pipe, or, once it has failed, reload the table with {resync}"
+            ),
+            Self::Sink(e) => e.remedy(),
+            Self::Secret(_) => {
+                "give every worker the secret key the pipe was created with (--secret-key-file)"
+                    .into()
+            }
+            _ => format!("see the error; once its cause is fixed, {resync}"),
+        };
+        Verdict::new(self.class(), remedy)
     }
 }
 

@@ -9,12 +9,13 @@ pub mod copy;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ferry_core::PipeState;
+use ferry_core::error_policy::{self, ErrorClass, Verdict};
 use ferry_core::spec::{DEFAULT_PARALLEL_PARTITIONS, DEFAULT_PARALLEL_TABLES};
 use ferry_postgres::SourceError;
-use ferry_proto::v1::{ReloadPhase, SnapshotPartition};
+use ferry_proto::v1::{ReloadPhase, Retrying, SnapshotPartition};
 use ferry_server::membership::Member;
 use ferry_server::telemetry::error_chain;
 use ferry_server::worker::WorkerContext;
@@ -149,7 +150,11 @@ async fn schedule(
                 ctx.store
                     .keys()
                     .snapshot_owner(name, &partition.source_table, partition.index);
-            if partition.done || partition.held || claimed.contains(&owner.as_str()) {
+            if partition.done
+                || partition.held
+                || claimed.contains(&owner.as_str())
+                || backing_off(partition, SystemTime::now())
+            {
                 continue;
             }
             // During a reload only its own partitions are copied, once its snapshot is taken.
@@ -248,6 +253,7 @@ async fn copy_claimed(
             partition.snapshot_id = snapshot;
             partition.snapshot_visibility = copied.visibility;
             partition.last_error.clear();
+            partition.retrying = None;
             complete(&ctx, &claim, &partition).await
         }
         // Not the partition's fault: wait for the coordinator's next export.
@@ -257,11 +263,20 @@ async fn copy_claimed(
         }
         Err(error) => {
             let text = error_chain(&error);
-            warn!(error = %text, "partition copy failed");
-            partition.attempts += 1;
-            partition.last_error = text;
-            // Set only when retrying cannot help: the coordinator then fails the pipe at once.
-            partition.last_remedy = error.remedy().unwrap_or_default();
+            let verdict = error.verdict(&record.spec.name, &partition.source_table);
+            partition.last_error.clone_from(&text);
+            if verdict.class.retries() {
+                // Copied again once the backoff passes, by whichever worker claims it then.
+                let retrying = retry_partition(&partition, text, verdict);
+                warn!(error = %retrying.message, attempt = retrying.attempt, "partition copy failed; it is retried");
+                partition.retrying = Some(retrying);
+            } else {
+                warn!(error = %text, "partition copy failed; the pipe fails");
+                partition.attempts += 1;
+                partition.retrying = None;
+                // The coordinator fails the pipe at once on a partition with a remedy.
+                partition.last_remedy = verdict.remedy;
+            }
             ctx.store.release_claim(&claim, Some(&partition)).await
         }
     };
@@ -270,6 +285,35 @@ async fn copy_claimed(
         warn!(error = %error_chain(&error), "cannot record the partition's outcome");
     }
     ctx.claims.remove(&claim.key);
+}
+
+/// The retry of `partition` after a failure worth retrying (`message`), paced by the
+/// partition schedule from its failures so far.
+fn retry_partition(partition: &SnapshotPartition, message: String, verdict: Verdict) -> Retrying {
+    let previous = partition.retrying.as_ref();
+    let attempt = previous.map_or(0, |r| r.attempt) + 1;
+    let now = SystemTime::now();
+    let delay = ferry_server::retry::delay(&error_policy::PARTITION, attempt);
+    let waits = verdict.class == ErrorClass::RetryAfterAction;
+    Retrying {
+        message,
+        remedy: if waits { verdict.remedy } else { String::new() },
+        attempt,
+        next_attempt_at: Some((now + delay).into()),
+        since: previous.and_then(|r| r.since).or_else(|| Some(now.into())),
+        waits_for_action: waits,
+        table: partition.source_table.clone(),
+    }
+}
+
+/// Whether `partition` waits out a retry's backoff at `now`.
+fn backing_off(partition: &SnapshotPartition, now: SystemTime) -> bool {
+    partition
+        .retrying
+        .as_ref()
+        .and_then(|r| r.next_attempt_at)
+        .and_then(|at| SystemTime::try_from(at).ok())
+        .is_some_and(|at| at > now)
 }
 
 /// Marks the partition done, retrying etcd failures a few times.
@@ -289,7 +333,7 @@ async fn complete(
                 warn!("claim lost or partition re-planned before it was marked done; it is redone");
                 return Ok(());
             }
-            Err(error) if attempt < 3 && error.is_retryable() => {
+            Err(error) if attempt < 3 && error.class().passes_by_itself() => {
                 warn!(error = %error_chain(&error), "cannot mark the partition done; retrying");
                 tokio::time::sleep(Duration::from_millis(500) * attempt).await;
                 attempt += 1;

@@ -1,3 +1,5 @@
+use ferry_core::error_policy::{self, ErrorClass};
+
 use crate::keys::display_key;
 
 /// What can go wrong talking to etcd.
@@ -39,9 +41,30 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether a retry of the same operation may succeed (etcd unreachable, overloaded, ...).
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Etcd(_) | Self::LeaseLost)
+    /// What the error policy does about it: a failed request goes by its gRPC code (one
+    /// that never got an answer is retried); a lost compare-and-swap, a compacted watch or a
+    /// lost lease are retried from a fresh read or session; a value that does not decode, a
+    /// fenced or duplicate write cannot succeed again as it is.
+    pub fn class(&self) -> ErrorClass {
+        use etcd_client::Error;
+        match self {
+            Self::Etcd(Error::GRpcStatus(status)) => {
+                error_policy::grpc_status(status.code() as i32)
+            }
+            Self::Etcd(
+                Error::InvalidArgs(_)
+                | Error::InvalidUri(_)
+                | Error::Utf8Error(_)
+                | Error::InvalidMetadataValue(_)
+                | Error::EndpointError(_),
+            ) => ErrorClass::Permanent,
+            Self::Etcd(_) | Self::Conflict { .. } | Self::Compacted(_) | Self::LeaseLost => {
+                ErrorClass::Retry
+            }
+            Self::Decode { .. } | Self::Fenced | Self::AlreadyExists { .. } => {
+                ErrorClass::Permanent
+            }
+        }
     }
 
     pub(crate) fn decode(key: &[u8], source: prost::DecodeError) -> Self {
@@ -49,5 +72,27 @@ impl StoreError {
             key: display_key(key),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_errors_go_by_grpc_code() {
+        let status = |s| StoreError::Etcd(etcd_client::Error::GRpcStatus(s));
+        let leader = status(tonic::Status::unavailable("etcdserver: leader changed"));
+        assert_eq!(leader.class(), ErrorClass::Retry);
+        let denied = status(tonic::Status::permission_denied(
+            "etcdserver: permission denied",
+        ));
+        assert_eq!(denied.class(), ErrorClass::RetryAfterAction);
+        let invalid = status(tonic::Status::invalid_argument(
+            "etcdserver: key is not provided",
+        ));
+        assert_eq!(invalid.class(), ErrorClass::Permanent);
+        assert_eq!(StoreError::LeaseLost.class(), ErrorClass::Retry);
+        assert_eq!(StoreError::Fenced.class(), ErrorClass::Permanent);
     }
 }

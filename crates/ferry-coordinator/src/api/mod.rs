@@ -99,10 +99,18 @@ impl PipeApi {
     }
 }
 
-/// A stored pipe as the API shows it: the status with the CDC worker's last report and the
-/// slot's last check folded in.
+/// A stored pipe as the API shows it: the status with the CDC worker's last report (and the
+/// failure its stream is retrying, while the pipe streams) and the slot's last check folded in.
 pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
     let mut status = record.status.clone();
+    if let Some(retrying) = record
+        .replication
+        .as_ref()
+        .and_then(|r| r.retrying.as_ref())
+        && streaming(record)
+    {
+        status.retrying = Some(retrying.clone());
+    }
     if let Some(replication) = &record.replication {
         for table in &mut status.tables {
             if let Some(changes) = replication.tables.get(&table.source_table) {
@@ -127,6 +135,17 @@ pub(crate) fn to_proto(record: &PipeRecord) -> Pipe {
         status: Some(status),
         status_revision: record.status_revision,
     }
+}
+
+/// Whether the pipe's changes stream in its state (as the CDC worker decides it): a retry the
+/// stream reported is current only then.
+fn streaming(record: &PipeRecord) -> bool {
+    record.spec.mode() != PipeMode::SnapshotOnly
+        && match record.status.state() {
+            PipeState::Running | PipeState::Modifying | PipeState::Resync => true,
+            PipeState::Snapshot => record.status.reload.is_some(),
+            _ => false,
+        }
 }
 
 /// Sends a request to the leader when this replica is not it; otherwise yields the fence.

@@ -71,7 +71,7 @@ pub(super) async fn run(ctx: SetupContext, record: PipeRecord) -> Result<(), Sto
                 tokio::time::sleep(super::POLL).await;
             }
             Err(SetupProblem::Store(error)) => return Err(error),
-            Err(problem) if problem.is_transient() => {
+            Err(problem) if problem.class().passes_by_itself() => {
                 let text = error_chain(&problem);
                 warn!(pipe = %name, error = %text, "reload step failed; retrying");
                 let shown = update(&ctx, &name, reload.generation, |_, status| {
