@@ -228,7 +228,7 @@ pub(crate) async fn advance(ctx: &SetupContext, record: &PipeRecord) -> Result<(
 
 /// The failure snapshot workers are retrying, as the pipe's status shows it: the partition
 /// that failed last, and how many others wait too.
-fn partition_retry(plan: &[SnapshotPartition]) -> Option<Retrying> {
+pub(crate) fn partition_retry(plan: &[SnapshotPartition]) -> Option<Retrying> {
     let waiting: Vec<(&SnapshotPartition, &Retrying)> = plan
         .iter()
         .filter(|p| !p.done)

@@ -170,9 +170,13 @@ async fn copying(
         });
         return Ok(());
     }
-    if record.status.tables != progress {
+    // Partitions the workers retry (ClickHouse or the source down) show in the status.
+    let mine_plan: Vec<_> = mine.iter().map(|p| (*p).clone()).collect();
+    let retrying = crate::snapshot::partition_retry(&mine_plan);
+    if record.status.tables != progress || record.status.retrying != retrying {
         let mut status = record.status.clone();
         status.tables = progress;
+        status.retrying = retrying;
         ctx.store
             .put_pipe_status(&ctx.fence, name, record.status_revision, &status)
             .await?;
@@ -191,6 +195,7 @@ async fn copied(
     let name = &record.spec.name;
     let mut status = record.status.clone();
     status.tables = progress;
+    status.retrying = None;
     match reload.kind() {
         ReloadKind::Resync => {
             let mut next = reload.clone();
