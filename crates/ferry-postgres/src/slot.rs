@@ -22,12 +22,12 @@ pub struct SlotState {
 
 /// Reads slot `slot`; `None` if it does not exist.
 pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, SourceError> {
-    // pg_current_wal_lsn() is the primary's position; the difference is numeric, kept as text
-    // here to avoid the numeric type on the client side.
+    // The insert position is where WAL ends: pg_current_wal_lsn() (the write position) lags it
+    // under asynchronous commit. The difference is numeric, cast to bigint here.
     let row = client
         .query_opt(
             "SELECT coalesce(wal_status, ''), \
-                    coalesce(greatest(pg_current_wal_lsn() - restart_lsn, 0), 0)::bigint, \
+                    coalesce(greatest(pg_current_wal_insert_lsn() - restart_lsn, 0), 0)::bigint, \
                     safe_wal_size, active \
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
