@@ -133,6 +133,17 @@ async fn schedule(
         }
         keep
     });
+    // A claim of ours without a stream (the stream was aborted when its pipe failed, or its
+    // release failed): hand it back, or the pipe could never be paused or streamed again while
+    // this worker lives.
+    let lease = member.session.lease_id();
+    for (pipe, key) in ctx.store.cdc_claims_of(lease).await? {
+        if !running.contains_key(&pipe) {
+            warn!(pipe = %pipe, "releasing a stream claim without a stream");
+            ctx.store.drop_cdc_claim(&key, lease).await?;
+            ctx.claims.remove(&key);
+        }
+    }
     for record in streaming {
         let name = &record.spec.name;
         if running.len() >= ctx.capacity as usize || running.contains_key(name) {

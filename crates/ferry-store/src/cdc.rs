@@ -71,6 +71,36 @@ impl Store {
             .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease())))
     }
 
+    /// Every stream claim held under `lease`, as (pipe, owner key): one request.
+    pub async fn cdc_claims_of(&self, lease: i64) -> Result<Vec<(String, String)>, StoreError> {
+        let prefix = self.keys().cdc_owners();
+        let response = self
+            .request(true, |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        Ok(response
+            .kvs()
+            .iter()
+            .filter(|kv| kv.lease() == lease)
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let pipe = key.strip_prefix(prefix.as_str())?.to_owned();
+                Some((pipe, key))
+            })
+            .collect())
+    }
+
+    /// Releases the claim at `key` if `lease` still holds it.
+    pub async fn drop_cdc_claim(&self, key: &str, lease: i64) -> Result<(), StoreError> {
+        let txn = Txn::new()
+            .when([Compare::lease(key.to_owned(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(key.to_owned(), None)]);
+        self.run_txn(txn, false).await?;
+        Ok(())
+    }
+
     /// Releases a stream claim (on a clean stop).
     pub async fn release_cdc(&self, claim: &CdcClaim) -> Result<(), StoreError> {
         let txn = Txn::new()

@@ -138,6 +138,11 @@ impl Keys {
         format!("{}{worker}", self.workers(kind))
     }
 
+    /// `owners/cdc/`: every stream claim.
+    pub fn cdc_owners(&self) -> String {
+        format!("{}/owners/cdc/", self.prefix)
+    }
+
     /// `owners/cdc/<pipe>`: the cdc-worker consuming the pipe's slot.
     pub fn cdc_owner(&self, pipe: &str) -> String {
         format!("{}/owners/cdc/{pipe}", self.prefix)
