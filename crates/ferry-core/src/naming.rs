@@ -32,7 +32,8 @@ pub fn check_pipe_name(name: &str) -> Result<(), String> {
 }
 
 /// Checks a Postgres or ClickHouse identifier as Ferry accepts it: non-empty, at most 63 bytes,
-/// no dots (a dot would make `schema.table` ambiguous), no control characters.
+/// no dots (a dot would make `schema.table` ambiguous), no slashes (a table's etcd keys are
+/// paths under its name: `a` would be a prefix of `a/b`), no control characters.
 pub fn check_identifier(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Err("must not be empty".into());
@@ -42,6 +43,9 @@ pub fn check_identifier(value: &str) -> Result<(), String> {
     }
     if value.contains('.') {
         return Err(format!("must not contain '.', got {value:?}"));
+    }
+    if value.contains('/') {
+        return Err(format!("must not contain '/', got {value:?}"));
     }
     if value.chars().any(char::is_control) {
         return Err(format!(
@@ -73,7 +77,7 @@ mod tests {
     #[test]
     fn identifiers() {
         assert!(check_identifier("Order Items").is_ok());
-        for bad in ["", "a.b", "a\nb"] {
+        for bad in ["", "a.b", "a\nb", "a/b"] {
             assert!(check_identifier(bad).is_err(), "{bad:?} accepted");
         }
         assert!(check_identifier(&"x".repeat(64)).is_err());
