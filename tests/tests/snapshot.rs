@@ -69,6 +69,7 @@ async fn a_snapshot_survives_a_killed_worker_and_matches_postgres_exactly() {
         Workers {
             snapshot: None,
             cdc: None,
+            ..Workers::default()
         },
     )
     .await;

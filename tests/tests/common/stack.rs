@@ -20,10 +20,12 @@ use tonic::transport::Channel;
 /// How long a scenario waits for any one state.
 pub const WITHIN: Duration = Duration::from_secs(90);
 
-/// Which workers a stack starts with, by id (`None`: no worker of that kind).
+/// Which workers a stack starts with, by id (`None`: no worker of that kind), and how many
+/// etcd members.
 pub struct Workers {
     pub snapshot: Option<&'static str>,
     pub cdc: Option<&'static str>,
+    pub etcd_members: usize,
 }
 
 impl Default for Workers {
@@ -31,6 +33,7 @@ impl Default for Workers {
         Self {
             snapshot: Some("s1"),
             cdc: Some("d1"),
+            etcd_members: 1,
         }
     }
 }
@@ -105,7 +108,9 @@ impl Stack {
     pub async fn start_with(setup_sql: &str, workers: Workers) -> Self {
         let pg = Postgres::start().await.unwrap();
         let ch = ClickHouse::start().await.unwrap();
-        let etcd = Etcd::start().await.unwrap();
+        let etcd = Etcd::start_cluster(workers.etcd_members.max(1))
+            .await
+            .unwrap();
         let db = pg.client("postgres").await.unwrap();
         if !setup_sql.is_empty() {
             db.batch_execute(setup_sql).await.unwrap();
