@@ -144,6 +144,29 @@ async fn a_session_reports_loss_before_its_lease_can_expire() {
 }
 
 #[tokio::test]
+async fn a_frozen_session_knows_its_lease_is_not_certain_before_its_keepalive_runs() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let ttl = Duration::from_secs(2);
+    let session = Session::start(&store, ttl).await.unwrap();
+    assert!(
+        session.certain_for() > ttl / 2,
+        "{:?}",
+        session.certain_for()
+    );
+    assert!(session.certain_for_at_least(ttl / 2).await);
+    // A freeze (SIGSTOP, a VM pause) past the TTL: this test's runtime has one thread, so
+    // blocking it keeps the keepalive task from running, as a stopped process would. This
+    // sleep is the freeze itself, not a wait for some state.
+    std::thread::sleep(ttl + Duration::from_millis(500));
+    // Nothing has declared the loss yet, but the session knows it cannot vouch for the lease.
+    assert!(session.is_alive());
+    assert_eq!(session.certain_for(), Duration::ZERO);
+    assert!(!session.certain_for_at_least(ttl / 2).await);
+    assert!(!session.is_alive());
+}
+
+#[tokio::test]
 async fn a_watch_resumes_after_etcd_restarts_without_losing_or_repeating_events() {
     let mut etcd = Etcd::start().await.unwrap();
     let store = store(&etcd).await;

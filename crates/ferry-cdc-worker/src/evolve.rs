@@ -170,6 +170,7 @@ impl TableBatch {
                 Some(default) => format!("{ty} DEFAULT {default}"),
                 None => ty,
             };
+            ctx.fence().await?;
             ctx.sink
                 .add_column(&self.name, &added.name, &ty, &after)
                 .await?;
@@ -200,6 +201,7 @@ impl TableBatch {
             }
             if !column.nullable && !is_array(column) {
                 column.nullable = true;
+                ctx.fence().await?;
                 ctx.sink
                     .modify_column(&self.name, &column.name, &column_type(column, ctx.options))
                     .await?;
@@ -247,6 +249,7 @@ impl TableBatch {
                 });
             }
             column.nullable = true;
+            ctx.fence().await?;
             ctx.sink
                 .modify_column(&self.name, &column.name, &column_type(column, ctx.options))
                 .await?;
@@ -258,6 +261,7 @@ impl TableBatch {
 
     /// Records the table's schema (and view) after a change.
     async fn record(&mut self, ctx: &TableContext<'_>) -> Result<(), StreamError> {
+        ctx.fence().await?;
         ctx.sink.create_view(&self.name, &self.schema).await?;
         let state = TableState {
             schema: Some(self.schema.clone()),

@@ -6,6 +6,7 @@
 
 mod error;
 mod evolve;
+mod fence;
 mod reload;
 pub mod stream;
 mod supervise;

@@ -218,6 +218,7 @@ pub async fn run(
             source: &heartbeats,
             store: &ctx.store,
             claim,
+            session: &member.session,
             options,
         };
         if stopping && !in_transaction {

@@ -19,8 +19,8 @@ use ferry_postgres::lookup::KeyText;
 use ferry_postgres::pgoutput::{OldTuple, RelationColumn, Tuple, Value};
 use ferry_postgres::snapshot::Visibility;
 use ferry_proto::v1::{AlteredColumn, ColumnSchema, ReloadTruncate, TableChanges, TableSchema};
-use ferry_store::Store;
 use ferry_store::cdc::CdcClaim;
+use ferry_store::{Session, Store};
 use tracing::{debug, info};
 
 use crate::stream::StreamError;
@@ -32,7 +32,16 @@ pub(crate) struct TableContext<'a> {
     pub(crate) source: &'a tokio_postgres::Client,
     pub(crate) store: &'a Store,
     pub(crate) claim: &'a CdcClaim,
+    /// The session the claim is bound to: every ClickHouse write is fenced by it.
+    pub(crate) session: &'a Session,
     pub(crate) options: MappingOptions,
+}
+
+impl TableContext<'_> {
+    /// Self-fencing: call right before every ClickHouse write (see `fence`).
+    pub(crate) async fn fence(&self) -> Result<(), StreamError> {
+        crate::fence::before_write(self.session).await
+    }
 }
 
 /// Where the transaction being applied is: rows get versions in commit order.
@@ -428,6 +437,7 @@ impl TableBatch {
             return Ok(filled);
         }
         let body = Bytes::from(std::mem::take(&mut self.body));
+        ctx.fence().await?;
         ctx.sink
             .insert(&self.statement, body)
             .await
@@ -472,6 +482,7 @@ impl TableBatch {
                     .write_text_row(values, row.version, false, &mut rows)?;
                 if rows.len() >= FILL_SLICE_BYTES {
                     let full = std::mem::take(&mut rows);
+                    ctx.fence().await?;
                     ctx.sink
                         .insert(&self.statement, Bytes::from(full))
                         .await
@@ -479,6 +490,7 @@ impl TableBatch {
                 }
             }
             if !rows.is_empty() {
+                ctx.fence().await?;
                 ctx.sink
                     .insert(&self.statement, Bytes::from(rows))
                     .await
@@ -496,10 +508,13 @@ impl TableBatch {
         Ok(stats.rows - stats.dropped)
     }
 
-    /// Empties the destination (a replicated TRUNCATE), after the rows before it.
-    /// A TRUNCATE of transaction `xid`, at `position`. While a reload copies the table, one
-    /// its snapshot already saw is skipped (the copy reflects it); a later one is recorded
-    /// first, so the rows the copy lands after it are deleted once the copy is complete.
+    /// Applies a TRUNCATE of transaction `xid`, at `position`, after the rows before it: every
+    /// row below the TRUNCATE's own version is deleted, not the whole table, so the statement
+    /// commutes with later writes. A worker that runs it late (it was paused past its lease
+    /// and another worker took over) then removes only rows the TRUNCATE removes anyway, never
+    /// rows written after it. While a reload copies the table, a TRUNCATE its snapshot already
+    /// saw is skipped (the copy reflects it); a later one is recorded first, so the rows the
+    /// copy lands after it are deleted once the copy is complete.
     pub(crate) async fn truncate(
         &mut self,
         xid: u32,
@@ -507,15 +522,15 @@ impl TableBatch {
         ctx: &TableContext<'_>,
     ) -> Result<(), StreamError> {
         position.message();
-        let version = position.next();
+        let truncated_at = position.next();
         if let Some(copy) = &self.reload_copy {
             if copy.visibility.as_ref().is_some_and(|v| v.sees(xid)) {
                 return Ok(());
             }
             let record = ReloadTruncate {
                 generation: copy.generation,
-                commit_lsn: u64::try_from(version >> 64).unwrap_or(u64::MAX),
-                position: u64::try_from(version & u128::from(u64::MAX)).unwrap_or(u64::MAX),
+                commit_lsn: version::commit_lsn(truncated_at),
+                position: u64::try_from(truncated_at & u128::from(u64::MAX)).unwrap_or(u64::MAX),
             };
             if !ctx
                 .store
@@ -526,7 +541,8 @@ impl TableBatch {
             }
         }
         self.write(ctx).await?;
-        ctx.sink.truncate(&self.name).await?;
+        ctx.fence().await?;
+        ctx.sink.delete_below(&self.name, truncated_at).await?;
         Ok(())
     }
 

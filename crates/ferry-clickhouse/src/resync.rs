@@ -107,18 +107,6 @@ impl Sink {
         }
     }
 
-    /// Deletes every row of `table` below `version`: the rows a TRUNCATE applied during a
-    /// reload's copy removed, and copied rows (version 0) that landed after it.
-    pub async fn delete_below(&self, table: &str, version: u128) -> Result<(), SinkError> {
-        let sql = format!(
-            "ALTER TABLE {}.{} DELETE WHERE {} < {version} SETTINGS mutations_sync = 2",
-            Ident(self.database()),
-            Ident(table),
-            Ident(ddl::VERSION_COLUMN)
-        );
-        self.execute("DELETE of rows before a TRUNCATE", &sql).await
-    }
-
     /// Drops `table` if it exists.
     pub async fn drop_table(&self, table: &str) -> Result<(), SinkError> {
         let sql = format!(

@@ -413,7 +413,29 @@ impl Sink {
         self.execute("MODIFY COLUMN", &sql).await
     }
 
-    /// Empties `table` (a replicated TRUNCATE).
+    /// Deletes every row of `table` below `version`: a replicated TRUNCATE at that version,
+    /// and the copied rows (version 0) a reload's copy landed after one.
+    ///
+    /// Unlike `TRUNCATE TABLE` this commutes with later writes: run late (by a worker paused
+    /// past its lease, or again on replay) it removes only what the TRUNCATE removes anyway.
+    /// It is a mutation, heavier than `TRUNCATE TABLE`: it rewrites the parts holding rows
+    /// below `version`. It touches only the parts that exist when it is issued (never rows
+    /// written after it), and `mutations_sync = 2` returns once every replica has applied it,
+    /// so once the stream moves on no reader (FINAL, the `_current` view) sees a row below the
+    /// TRUNCATE. The version goes in as text: a bare literal above 2^64 would be parsed as a
+    /// Float64, losing the row's position inside its transaction.
+    pub async fn delete_below(&self, table: &str, version: u128) -> Result<(), SinkError> {
+        let sql = format!(
+            "ALTER TABLE {}.{} DELETE WHERE {} < toUInt128('{version}') SETTINGS mutations_sync = 2",
+            Ident(&self.database),
+            Ident(table),
+            Ident(VERSION_COLUMN)
+        );
+        self.execute("DELETE of rows before a TRUNCATE", &sql).await
+    }
+
+    /// Empties `table` at once (before a table's first copy; a replicated TRUNCATE deletes by
+    /// version instead, see [`Sink::delete_below`]).
     pub async fn truncate(&self, table: &str) -> Result<(), SinkError> {
         let sql = format!("TRUNCATE TABLE {}.{}", Ident(&self.database), Ident(table));
         self.execute("TRUNCATE", &sql).await

@@ -33,6 +33,9 @@ pub struct Session {
     lease_id: i64,
     ttl: Duration,
     state: watch::Receiver<SessionState>,
+    /// When the last acknowledged renewal was sent: etcd cannot expire the lease before this
+    /// plus the TTL.
+    renewed: watch::Receiver<Instant>,
     keepalive: KeepaliveTask,
     store: Store,
 }
@@ -57,12 +60,16 @@ impl Session {
         let granted_at = Instant::now();
         let lease_id = store.client().lease_grant(ttl_secs, None).await?.id();
         let (tx, mut state) = watch::channel(SessionState::Alive);
+        let (renewed_tx, renewed) = watch::channel(granted_at);
         let keepalive = KeepaliveTask(tokio::spawn(keep_alive(
             store.stream_client(),
             lease_id,
             ttl,
             granted_at,
-            tx,
+            Renewals {
+                state: tx,
+                renewed: renewed_tx,
+            },
         )));
         // Wait for the first renewal (or loss); the channel's initial value does not count.
         let first = state.changed().await;
@@ -74,6 +81,7 @@ impl Session {
             lease_id,
             ttl,
             state,
+            renewed,
             keepalive,
             store: store.clone(),
         })
@@ -92,6 +100,47 @@ impl Session {
     /// Whether the lease is known to be held right now.
     pub fn is_alive(&self) -> bool {
         *self.state.borrow() == SessionState::Alive
+    }
+
+    /// How long the lease is certain to outlive this instant: the last acknowledged renewal
+    /// was sent at `t`, so etcd cannot expire the lease before `t + ttl`. Zero once the session
+    /// is lost.
+    ///
+    /// Unlike [`Session::is_alive`], this does not wait for the keepalive task to notice
+    /// anything: a process that was frozen (SIGSTOP, a VM pause) past its TTL sees zero as
+    /// soon as it runs again, even if its keepalive task has not yet run to declare the loss.
+    /// The monotonic clock keeps counting while a process is stopped.
+    pub fn certain_for(&self) -> Duration {
+        if !self.is_alive() {
+            return Duration::ZERO;
+        }
+        (*self.renewed.borrow() + self.ttl).saturating_duration_since(Instant::now())
+    }
+
+    /// Waits until the lease is certain to outlive now by at least `needed` (true), or the
+    /// session is lost (false). A renewal that etcd acknowledges proves the lease is still
+    /// held, so waiting for one is safe even after a pause; the wait is bounded by the TTL
+    /// (the keepalive task declares the session lost well within it).
+    pub async fn certain_for_at_least(&self, needed: Duration) -> bool {
+        let mut renewed = self.renewed.clone();
+        let give_up = Instant::now() + self.ttl;
+        loop {
+            if !self.is_alive() {
+                return false;
+            }
+            if self.certain_for() >= needed {
+                return true;
+            }
+            tokio::select! {
+                changed = renewed.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                }
+                () = self.lost() => return false,
+                () = sleep_until(give_up) => return false,
+            }
+        }
     }
 
     /// A receiver of state changes, for tasks that must stop when the session is lost.
@@ -150,13 +199,21 @@ async fn renew(
     }
 }
 
+/// What the keepalive task publishes.
+struct Renewals {
+    state: watch::Sender<SessionState>,
+    /// The send time of the last acknowledged renewal.
+    renewed: watch::Sender<Instant>,
+}
+
 async fn keep_alive(
     mut client: EtcdClient,
     lease_id: i64,
     ttl: Duration,
     granted_at: Instant,
-    state: watch::Sender<SessionState>,
+    published: Renewals,
 ) {
+    let Renewals { state, renewed } = published;
     let interval = ttl / 3;
     let margin = safety_margin(ttl);
     // The lease cannot expire before the last acknowledged renewal's send time plus TTL.
@@ -169,6 +226,7 @@ async fn keep_alive(
             result = renew(&mut client, &mut stream, lease_id, interval) => match result {
                 Ok(Some(sent_at)) => {
                     renewed_at = sent_at;
+                    renewed.send_replace(sent_at);
                     if first {
                         // Wakes `Session::start`, which waits for the first renewal.
                         state.send_replace(SessionState::Alive);

@@ -178,6 +178,17 @@ impl ChildProcess {
         }
     }
 
+    /// SIGSTOP to the whole group: the process freezes as a long GC or VM pause would, its
+    /// sockets left open, until [`ChildProcess::cont`].
+    pub fn stop(&self) {
+        self.signal_group("STOP");
+    }
+
+    /// SIGCONT to the whole group: a process frozen by [`ChildProcess::stop`] runs again.
+    pub fn cont(&self) {
+        self.signal_group("CONT");
+    }
+
     /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
     pub async fn terminate(&mut self, within: std::time::Duration) -> bool {
         let Some(pid) = self.pid() else { return false };
