@@ -397,7 +397,9 @@ async fn apply(
             ..
         } => {
             for oid in truncated {
-                if let Some(batch) = ours(tables, oid, xid, position) {
+                // Each truncated relation counts as a row message, written or not (see
+                // `Position`): later rows keep their versions whichever tables this stream writes.
+                if let Some(batch) = ours_at(tables, oid, xid, position) {
                     // Rows before the TRUNCATE go first; rows after it land after.
                     batch.truncate(xid, position, ctx).await?;
                     debug!(table = %batch.source_table(), "truncated");

@@ -521,7 +521,7 @@ impl TableBatch {
         position: &mut Position,
         ctx: &TableContext<'_>,
     ) -> Result<(), StreamError> {
-        position.message();
+        // The message was counted by the caller (`ours_at`).
         let truncated_at = position.next();
         if let Some(copy) = &self.reload_copy {
             if copy.visibility.as_ref().is_some_and(|v| v.sees(xid)) {
