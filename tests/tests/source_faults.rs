@@ -194,7 +194,8 @@ async fn a_postgres_restart_during_a_snapshot_reexports_and_converges() {
         snapshot_rows_per_partition: Some(1_500),
         snapshot_parallel_partitions: Some(1),
         snapshot_parallel_tables: Some(1),
-        ..Default::default()
+        // The harness's one-second sync interval stays.
+        ..spec.settings.unwrap_or_default()
     });
     stack.submit(spec).await.unwrap();
 
@@ -207,6 +208,13 @@ async fn a_postgres_restart_during_a_snapshot_reexports_and_converges() {
     .await;
     assert!(started.is_some(), "no partition was copied");
     let first = store.exported_snapshot("copy").await.unwrap().unwrap();
+    // A write committed after the export, so that the snapshot exported after the restart
+    // sees a different database: what was copied so far must be read again under it.
+    stack
+        .db
+        .batch_execute("UPDATE items SET note = 'before the restart' WHERE id % 50 = 0")
+        .await
+        .unwrap();
     stack.pg.restart(StopMode::Fast).await.unwrap();
     let plan = store.snapshot_plan("copy").await.unwrap();
     let done = plan.iter().filter(|p| p.partition.done).count();
@@ -232,7 +240,10 @@ async fn a_postgres_restart_during_a_snapshot_reexports_and_converges() {
         !snapshots.contains(first.visibility.as_str()),
         "nothing was read again after the restart"
     );
-    assert!(plan.iter().all(|p| p.partition.done && p.partition.attempts == 0));
+    assert!(
+        plan.iter()
+            .all(|p| p.partition.done && p.partition.attempts == 0)
+    );
 
     // Changes made after the restart stream on top.
     stack
