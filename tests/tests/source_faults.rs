@@ -199,11 +199,12 @@ async fn a_postgres_restart_during_a_snapshot_reexports_and_converges() {
     });
     stack.submit(spec).await.unwrap();
 
-    // Postgres restarts once a few partitions are copied, with more to go.
+    // Postgres restarts once a few partitions are copied, while another is being copied.
     let store = stack.ferry.store().await.unwrap();
     let started = wait::until(WITHIN, || async {
         let plan = store.snapshot_plan("copy").await.ok()?;
-        (plan.iter().filter(|p| p.partition.done).count() >= 2).then_some(())
+        let copying = !store.snapshot_claims("copy").await.ok()?.is_empty();
+        (copying && plan.iter().filter(|p| p.partition.done).count() >= 2).then_some(())
     })
     .await;
     assert!(started.is_some(), "no partition was copied");
