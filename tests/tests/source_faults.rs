@@ -335,7 +335,10 @@ async fn a_terminated_replication_connection_reconnects_and_converges() {
     for round in 0..3 {
         writes.advance(30).await;
         // The stream is back (a new server process holds the slot) before it is cut again.
+        // The pipe stays Running throughout.
         let pid = wait::until(WITHIN, || async {
+            let status = stack.status("cut").await?;
+            assert_eq!(status.state(), PipeState::Running, "{status:?}");
             slot_pid(&stack, "cut")
                 .await
                 .filter(|pid| !killed.contains(pid))
