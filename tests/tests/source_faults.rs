@@ -1,7 +1,8 @@
 //! Postgres faults and the error policy (`ferry_core::error_policy`): a fast restart in the
-//! middle of a snapshot or of streaming, and the replication connection terminated from the
-//! server side, are retried without failing the pipe, visibly while the source is down, and
-//! end with ClickHouse equal to Postgres value by value.
+//! middle of a snapshot or of streaming, a crash (immediate shutdown) while streaming, and the
+//! replication connection terminated from the server side, are retried without failing the
+//! pipe, visibly while the source is down, and end with ClickHouse equal to Postgres value by
+//! value.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -267,6 +268,19 @@ async fn a_postgres_restart_during_a_snapshot_reexports_and_converges() {
 
 #[tokio::test]
 async fn a_postgres_restart_during_streaming_is_retried_visibly_and_converges() {
+    restart_during_streaming(StopMode::Fast).await;
+}
+
+/// A crash of the source (no shutdown checkpoint, recovery from WAL): the stream only ever
+/// read WAL the server had flushed, so nothing it wrote is lost with the crash.
+#[tokio::test]
+async fn a_postgres_crash_during_streaming_is_retried_and_converges() {
+    restart_during_streaming(StopMode::Immediate).await;
+}
+
+/// Postgres stopped in `mode` under a write workload, shown as a retry while it is down, then
+/// started again: the stream resumes from its checkpoint and ClickHouse ends equal to it.
+async fn restart_during_streaming(mode: StopMode) {
     let mut stack = Stack::start(
         "CREATE TABLE items (id int PRIMARY KEY, note text, n int);
          INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 2000) g;",
@@ -279,7 +293,7 @@ async fn a_postgres_restart_during_streaming_is_retried_visibly_and_converges() 
 
     let writes = Workload::start(stack.pg.connection_string("postgres"));
     writes.advance(50).await;
-    stack.pg.stop(StopMode::Fast).await;
+    stack.pg.stop(mode).await;
 
     // While the source is down the status says the stream is retrying, not a quiet Running.
     let shown = wait_status(&stack, "live", "a retry in the status", |s| {
