@@ -16,7 +16,30 @@ const BIN: &str = "/usr/lib/postgresql/15/bin";
 pub struct Postgres {
     port: u16,
     dir: TempDir,
+    /// The `-c name=value` settings it was started with, to start it again alike.
+    extra: Vec<String>,
     process: Option<ChildProcess>,
+}
+
+/// How the server shuts down, as `pg_ctl stop -m` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Waits for every client to disconnect (SIGTERM).
+    Smart,
+    /// Ends every session and checkpoints (SIGINT): what `pg_ctl restart` does by default.
+    Fast,
+    /// Quits without a checkpoint, recovering from WAL on the next start (SIGQUIT).
+    Immediate,
+}
+
+impl StopMode {
+    fn signal(self) -> &'static str {
+        match self {
+            Self::Smart => "TERM",
+            Self::Fast => "INT",
+            Self::Immediate => "QUIT",
+        }
+    }
 }
 
 fn is_root() -> bool {
@@ -69,12 +92,29 @@ impl Postgres {
         ]);
         run(initdb)?;
         let port = free_port()?;
+        let mut pg = Self {
+            port,
+            dir,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            process: None,
+        };
+        pg.start_again().await?;
+        Ok(pg)
+    }
+
+    /// Starts the stopped server again on the same port over the same data, and waits until
+    /// it accepts connections. Does nothing if it runs.
+    pub async fn start_again(&mut self) -> Result<(), KitError> {
+        if self.process.as_mut().is_some_and(ChildProcess::is_running) {
+            return Ok(());
+        }
+        let data = self.dir.path().join("data");
         let mut postgres = Command::new(Path::new(BIN).join("postgres"));
         postgres
             .arg("-D")
             .arg(&data)
             .arg("-p")
-            .arg(port.to_string())
+            .arg(self.port.to_string())
             .arg("-k")
             .arg(&data)
             .args(["-c", "listen_addresses=127.0.0.1"])
@@ -89,18 +129,33 @@ impl Postgres {
                 "-c",
                 "full_page_writes=off",
             ]);
-        for setting in extra {
+        for setting in &self.extra {
             postgres.args(["-c", setting]);
         }
-        let log = dir.path().join("postgres.log");
-        let process = ChildProcess::spawn_as("postgres", postgres, &log, server_user())?;
-        let pg = Self {
-            port,
-            dir,
-            process: Some(process),
-        };
-        pg.wait_ready().await?;
-        Ok(pg)
+        let log = self.log();
+        self.process = Some(ChildProcess::spawn_as(
+            "postgres",
+            postgres,
+            &log,
+            server_user(),
+        )?);
+        self.wait_ready().await
+    }
+
+    /// Shuts the server down in `mode` and waits until it has exited (at most 60 s, then it
+    /// is killed); the data directory stays for [`Postgres::start_again`].
+    pub async fn stop(&mut self, mode: StopMode) {
+        if let Some(mut process) = self.process.take() {
+            process
+                .stop_with(mode.signal(), Duration::from_secs(60))
+                .await;
+        }
+    }
+
+    /// `pg_ctl restart -m <mode>`: [`Postgres::stop`] then [`Postgres::start_again`].
+    pub async fn restart(&mut self, mode: StopMode) -> Result<(), KitError> {
+        self.stop(mode).await;
+        self.start_again().await
     }
 
     /// A default server.

@@ -191,9 +191,17 @@ impl ChildProcess {
 
     /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
     pub async fn terminate(&mut self, within: std::time::Duration) -> bool {
+        self.stop_with("TERM", within).await
+    }
+
+    /// Sends `signal` (a name such as `INT`) to the process alone, then waits for it to exit
+    /// (killing its group if it has not within `within`); returns whether it exited
+    /// successfully. Servers read the signal as how to shut down (Postgres: `INT` is a fast
+    /// shutdown).
+    pub async fn stop_with(&mut self, signal: &str, within: std::time::Duration) -> bool {
         let Some(pid) = self.pid() else { return false };
         let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([&format!("-{signal}"), &pid.to_string()])
             .status();
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
