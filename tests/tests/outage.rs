@@ -7,14 +7,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::stack::{Stack, WITHIN, Workers};
-use ferry_proto::v1::{PipeMode, PipeSettings, PipeState, PipeStatus, Retrying};
-use ferry_testkit::ferry::bin_dir;
+use ferry_proto::v1::{PipeMode, PipeSettings, PipeState, Retrying};
 use ferry_testkit::wait;
 use tokio::time::Instant;
 
@@ -75,43 +73,6 @@ async fn hold(stack: &Stack, name: &str, state: PipeState, span: Duration) -> Ve
     seen
 }
 
-/// Waits until pipe `name`'s status satisfies `check`; panics with the status if it never does.
-#[track_caller]
-fn wait_status<'a>(
-    stack: &'a Stack,
-    name: &'a str,
-    what: &'a str,
-    check: impl Fn(&PipeStatus) -> bool + 'a,
-) -> impl std::future::Future<Output = PipeStatus> + 'a {
-    let caller = std::panic::Location::caller();
-    async move {
-        let reached = wait::until(WITHIN, || async {
-            let status = stack.status(name).await?;
-            check(&status).then_some(status)
-        })
-        .await;
-        match reached {
-            Some(status) => status,
-            None => panic!(
-                "{caller}: {what} never happened: {}",
-                stack.diagnose(name).await
-            ),
-        }
-    }
-}
-
-/// `ferry get <name>` as a person would run it.
-async fn ferry_get(stack: &Stack, name: &str) -> String {
-    let mut command = Command::new(bin_dir().join("ferry"));
-    command
-        .env("FERRY_ADDR", stack.coordinator.url())
-        .args(["get", name]);
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 #[tokio::test]
 async fn a_clickhouse_outage_during_cdc_is_retried_visibly_and_converges() {
     let mut stack = Stack::start(
@@ -130,11 +91,12 @@ async fn a_clickhouse_outage_during_cdc_is_retried_visibly_and_converges() {
 
     // The stream's failed writes show as a retry within a few attempts' time, and the pipe
     // stays Running throughout the outage.
-    let shown = wait_status(&stack, "live", "a retry in the status", |s| {
-        assert_eq!(s.state(), PipeState::Running, "{s:?}");
-        s.retrying.is_some()
-    })
-    .await;
+    let shown = stack
+        .wait_status("live", "a retry in the status", |s| {
+            assert_eq!(s.state(), PipeState::Running, "{s:?}");
+            s.retrying.is_some()
+        })
+        .await;
     let retry = shown.retrying.unwrap();
     assert!(
         retry.message.contains("cannot reach ClickHouse"),
@@ -142,7 +104,7 @@ async fn a_clickhouse_outage_during_cdc_is_retried_visibly_and_converges() {
     );
     assert!(!retry.waits_for_action && retry.next_attempt_at.is_some());
     assert!(retry.table == "public.items", "{retry:?}");
-    let text = ferry_get(&stack, "live").await;
+    let text = stack.ferry_get("live").await;
     assert!(
         text.contains("retrying  writing the changes of public.items to ClickHouse failed"),
         "{text}"
@@ -175,7 +137,7 @@ async fn a_clickhouse_outage_during_cdc_is_retried_visibly_and_converges() {
         status.retrying.is_none() && status.error.is_none(),
         "{status:?}"
     );
-    assert!(!ferry_get(&stack, "live").await.contains("retrying"));
+    assert!(!stack.ferry_get("live").await.contains("retrying"));
 }
 
 #[tokio::test]
@@ -206,11 +168,12 @@ async fn a_clickhouse_outage_during_a_snapshot_is_retried_and_converges() {
     assert!(partitions >= 10, "only {partitions} partitions planned");
     stack.ch.kill();
 
-    let shown = wait_status(&stack, "copy", "a partition retry in the status", |s| {
-        assert_eq!(s.state(), PipeState::Snapshot, "{s:?}");
-        s.retrying.is_some()
-    })
-    .await;
+    let shown = stack
+        .wait_status("copy", "a partition retry in the status", |s| {
+            assert_eq!(s.state(), PipeState::Snapshot, "{s:?}");
+            s.retrying.is_some()
+        })
+        .await;
     let retry = shown.retrying.unwrap();
     assert!(
         retry.message.starts_with("snapshot partition ") && retry.message.contains("ClickHouse"),
@@ -270,18 +233,19 @@ async fn a_revoked_clickhouse_login_waits_for_action_without_failing_the_pipe() 
         .batch_execute("UPDATE items SET note = 'while locked out' WHERE id <= 50")
         .await
         .unwrap();
-    let shown = wait_status(&stack, "locked", "a retry waiting for action", |s| {
-        assert_eq!(s.state(), PipeState::Running, "{s:?}");
-        s.retrying.as_ref().is_some_and(|r| r.waits_for_action)
-    })
-    .await;
+    let shown = stack
+        .wait_status("locked", "a retry waiting for action", |s| {
+            assert_eq!(s.state(), PipeState::Running, "{s:?}");
+            s.retrying.as_ref().is_some_and(|r| r.waits_for_action)
+        })
+        .await;
     let retry = shown.retrying.unwrap();
     assert!(retry.message.contains("refused the login"), "{retry:?}");
     assert!(
         retry.remedy.contains("secrets.destination_password"),
         "{retry:?}"
     );
-    let text = ferry_get(&stack, "locked").await;
+    let text = stack.ferry_get("locked").await;
     assert!(text.contains("retrying  waiting for action: "), "{text}");
     assert!(
         text.contains("  remedy  check the user in spec.destination"),
@@ -291,10 +255,9 @@ async fn a_revoked_clickhouse_login_waits_for_action_without_failing_the_pipe() 
     // The operator puts the password back: the stream resumes by itself, exactly.
     stack.ch.restart_with_password("").await.unwrap();
     stack.converge(ITEMS_PG, ITEMS_CH).await;
-    let cleared = wait_status(&stack, "locked", "the retry clearing", |s| {
-        s.retrying.is_none()
-    })
-    .await;
+    let cleared = stack
+        .wait_status("locked", "the retry clearing", |s| s.retrying.is_none())
+        .await;
     assert_eq!(cleared.state(), PipeState::Running);
 }
 
@@ -330,7 +293,7 @@ async fn a_dropped_destination_table_fails_the_pipe_with_a_remedy_that_works() {
     assert!(error.message.contains("UNKNOWN_TABLE"), "{error:?}");
     let command = "ferry resync doomed --table public.items";
     assert!(error.remedy.contains(command), "{error:?}");
-    let text = ferry_get(&stack, "doomed").await;
+    let text = stack.ferry_get("doomed").await;
     assert!(text.contains(command), "{text}");
 
     // The remedy's command brings the table back, rows and all.

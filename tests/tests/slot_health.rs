@@ -7,15 +7,10 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::Duration;
-
 use common::stack::{Stack, WITHIN};
 use ferry_proto::v1::{
-    DeletePipeRequest, PausePipeRequest, PipeMode, PipeSettings, PipeState, PipeStatus,
-    ResumePipeRequest,
+    DeletePipeRequest, PausePipeRequest, PipeMode, PipeSettings, PipeState, ResumePipeRequest,
 };
-use ferry_testkit::ferry::bin_dir;
 use ferry_testkit::wait;
 
 const TABLES: &str = "
@@ -27,21 +22,6 @@ INSERT INTO b SELECT i, 'b' || i FROM generate_series(1, 100) i;
 INSERT INTO c SELECT i, 'c' || i FROM generate_series(1, 100) i;
 ";
 
-/// What `ferry get <name>` prints.
-async fn ferry_get(stack: &Stack, name: &str) -> String {
-    let (addr, name) = (stack.coordinator.url(), name.to_owned());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(bin_dir().join("ferry"))
-            .args(["--addr", &addr, "get", &name])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(output.status.success());
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 async fn pause(stack: &Stack, name: &str) {
     stack
         .client
@@ -50,27 +30,6 @@ async fn pause(stack: &Stack, name: &str) {
         .await
         .unwrap();
     stack.wait_state(name, PipeState::Paused).await;
-}
-
-/// Waits until the status of `name` satisfies `check`.
-async fn status_until(
-    stack: &Stack,
-    name: &str,
-    within: Duration,
-    check: impl Fn(&PipeStatus) -> bool,
-) -> PipeStatus {
-    let reached = wait::until(within, || async {
-        let status = stack.status(name).await?;
-        check(&status).then_some(status)
-    })
-    .await;
-    match reached {
-        Some(status) => status,
-        None => panic!(
-            "pipe {name} never got there: {}",
-            stack.diagnose(name).await
-        ),
-    }
 }
 
 #[tokio::test]
@@ -91,11 +50,13 @@ async fn a_slot_retaining_too_much_wal_is_shown_warned_about_and_cleared() {
     assert!(stack.logs().contains("max_slot_wal_keep_size is -1"));
 
     // Healthy: shown in the status.
-    let healthy = status_until(&stack, "watched", WITHIN, |s| s.slot.is_some()).await;
+    let healthy = stack
+        .wait_status("watched", "the slot status", |s| s.slot.is_some())
+        .await;
     let slot = healthy.slot.unwrap();
     assert!(slot.exists && slot.checked_at.is_some(), "{slot:?}");
     assert_eq!(slot.wal_status, "reserved");
-    let shown = ferry_get(&stack, "watched").await;
+    let shown = stack.ferry_get("watched").await;
     assert!(
         shown.contains("slot      exists, wal_status reserved, retains "),
         "{shown}"
@@ -110,11 +71,12 @@ async fn a_slot_retaining_too_much_wal_is_shown_warned_about_and_cleared() {
         )
         .await
         .unwrap();
-    let warned = status_until(&stack, "watched", WITHIN, |s| {
-        s.slot.as_ref().is_some_and(|h| !h.warning.is_empty())
-            && s.reason.contains("slot_wal_warning_bytes")
-    })
-    .await;
+    let warned = stack
+        .wait_status("watched", "the slot status", |s| {
+            s.slot.as_ref().is_some_and(|h| !h.warning.is_empty())
+                && s.reason.contains("slot_wal_warning_bytes")
+        })
+        .await;
     let slot = warned.slot.unwrap();
     assert!(slot.retained_bytes > 1 << 20, "{slot:?}");
     assert!(
@@ -133,7 +95,7 @@ async fn a_slot_retaining_too_much_wal_is_shown_warned_about_and_cleared() {
         warned.reason
     );
     assert!(stack.logs().contains("replication slot at risk"));
-    let shown = ferry_get(&stack, "watched").await;
+    let shown = stack.ferry_get("watched").await;
     assert!(
         shown.contains("warning   replication slot ferry_watched retains"),
         "{shown}"
@@ -148,12 +110,13 @@ async fn a_slot_retaining_too_much_wal_is_shown_warned_about_and_cleared() {
         })
         .await
         .unwrap();
-    let cleared = status_until(&stack, "watched", WITHIN, |s| {
-        s.state() == PipeState::Running
-            && s.slot.as_ref().is_some_and(|h| h.warning.is_empty())
-            && !s.reason.contains("| slot:")
-    })
-    .await;
+    let cleared = stack
+        .wait_status("watched", "the slot status", |s| {
+            s.state() == PipeState::Running
+                && s.slot.as_ref().is_some_and(|h| h.warning.is_empty())
+                && !s.reason.contains("| slot:")
+        })
+        .await;
     assert!(
         !cleared.reason.contains("slot_wal_warning_bytes"),
         "{}",

@@ -9,14 +9,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::stack::{Stack, WITHIN};
-use ferry_proto::v1::{PipeMode, PipeSettings, PipeState, PipeStatus};
-use ferry_testkit::ferry::bin_dir;
+use ferry_proto::v1::{PipeMode, PipeSettings, PipeState};
 use ferry_testkit::postgres::StopMode;
 use ferry_testkit::wait;
 
@@ -125,43 +123,6 @@ async fn connect(conn: &str) -> Option<tokio_postgres::Client> {
         let _ = connection.await;
     });
     Some(client)
-}
-
-/// Waits until pipe `name`'s status satisfies `check`; panics with the status if it never does.
-#[track_caller]
-fn wait_status<'a>(
-    stack: &'a Stack,
-    name: &'a str,
-    what: &'a str,
-    check: impl Fn(&PipeStatus) -> bool + 'a,
-) -> impl std::future::Future<Output = PipeStatus> + 'a {
-    let caller = std::panic::Location::caller();
-    async move {
-        let reached = wait::until(WITHIN, || async {
-            let status = stack.status(name).await?;
-            check(&status).then_some(status)
-        })
-        .await;
-        match reached {
-            Some(status) => status,
-            None => panic!(
-                "{caller}: {what} never happened: {}",
-                stack.diagnose(name).await
-            ),
-        }
-    }
-}
-
-/// `ferry get <name>` as a person would run it.
-async fn ferry_get(stack: &Stack, name: &str) -> String {
-    let mut command = Command::new(bin_dir().join("ferry"));
-    command
-        .env("FERRY_ADDR", stack.coordinator.url())
-        .args(["get", name]);
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Connects the stack's own client again after a restart of Postgres.
@@ -296,11 +257,12 @@ async fn restart_during_streaming(mode: StopMode) {
     stack.pg.stop(mode).await;
 
     // While the source is down the status says the stream is retrying, not a quiet Running.
-    let shown = wait_status(&stack, "live", "a retry in the status", |s| {
-        assert_eq!(s.state(), PipeState::Running, "{s:?}");
-        s.retrying.is_some()
-    })
-    .await;
+    let shown = stack
+        .wait_status("live", "a retry in the status", |s| {
+            assert_eq!(s.state(), PipeState::Running, "{s:?}");
+            s.retrying.is_some()
+        })
+        .await;
     let retry = shown.retrying.unwrap();
     // Whichever connection noticed first: the heartbeats' or the replication stream's.
     assert!(
@@ -308,17 +270,18 @@ async fn restart_during_streaming(mode: StopMode) {
         "{retry:?}"
     );
     assert!(!retry.waits_for_action && retry.next_attempt_at.is_some());
-    let text = ferry_get(&stack, "live").await;
+    let text = stack.ferry_get("live").await;
     assert!(text.contains("retrying  "), "{text}");
 
     stack.pg.start_again().await.unwrap();
     reconnect(&mut stack).await;
     // The stream resumes from its checkpoint and the retry clears; writes go on meanwhile.
-    wait_status(&stack, "live", "the retry clearing", |s| {
-        assert_eq!(s.state(), PipeState::Running, "{s:?}");
-        s.retrying.is_none()
-    })
-    .await;
+    stack
+        .wait_status("live", "the retry clearing", |s| {
+            assert_eq!(s.state(), PipeState::Running, "{s:?}");
+            s.retrying.is_none()
+        })
+        .await;
     writes.advance(100).await;
     let transactions = writes.finish().await;
     assert!(transactions > 150, "only {transactions} transactions");
@@ -329,7 +292,7 @@ async fn restart_during_streaming(mode: StopMode) {
         status.retrying.is_none() && status.error.is_none(),
         "{status:?}"
     );
-    assert!(!ferry_get(&stack, "live").await.contains("retrying"));
+    assert!(!stack.ferry_get("live").await.contains("retrying"));
 }
 
 #[tokio::test]
@@ -382,11 +345,12 @@ async fn a_terminated_replication_connection_reconnects_and_converges() {
     let transactions = writes.finish().await;
     assert!(transactions > 100, "only {transactions} transactions");
     stack.converge(ITEMS_PG, ITEMS_CH).await;
-    let status = wait_status(&stack, "cut", "the retry clearing", |s| {
-        assert_eq!(s.state(), PipeState::Running, "{s:?}");
-        s.retrying.is_none()
-    })
-    .await;
+    let status = stack
+        .wait_status("cut", "the retry clearing", |s| {
+            assert_eq!(s.state(), PipeState::Running, "{s:?}");
+            s.retrying.is_none()
+        })
+        .await;
     assert!(status.error.is_none(), "{status:?}");
     assert!(
         slot_pid(&stack, "cut").await.is_some(),

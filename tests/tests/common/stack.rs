@@ -229,6 +229,47 @@ impl Stack {
         wait_states(&self.client, name, states, within)
     }
 
+    /// Waits until pipe `name`'s status satisfies `check`; panics (at the caller's line) with
+    /// `what` and the status if it never does within [`WITHIN`].
+    #[track_caller]
+    pub fn wait_status<'a>(
+        &'a self,
+        name: &'a str,
+        what: &'a str,
+        check: impl Fn(&PipeStatus) -> bool + 'a,
+    ) -> impl std::future::Future<Output = PipeStatus> + 'a {
+        let caller = std::panic::Location::caller();
+        async move {
+            let reached = wait::until(WITHIN, || async {
+                let status = self.status(name).await?;
+                check(&status).then_some(status)
+            })
+            .await;
+            match reached {
+                Some(status) => status,
+                None => panic!(
+                    "{caller}: {what} never happened: {}",
+                    self.diagnose(name).await
+                ),
+            }
+        }
+    }
+
+    /// What `ferry get <name>` prints, run as a person would against this stack.
+    pub async fn ferry_get(&self, name: &str) -> String {
+        let (addr, pipe) = (self.coordinator.url(), name.to_owned());
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(ferry_testkit::ferry::bin_dir().join("ferry"))
+                .args(["--addr", &addr, "get", &pipe])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(output.status.success(), "ferry get {name} failed");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Rows of a Postgres query, every column selected as text, sorted.
     pub async fn pg_rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
         let mut rows: Vec<Vec<Option<String>>> = self
